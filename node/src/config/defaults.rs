@@ -1,0 +1,144 @@
+//! The default value of every key. `default.toml` documents the same values; a test keeps the
+//! two equal, so the printed default config never lies.
+
+use super::*;
+use std::path::PathBuf;
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            node: NodeConfig::default(),
+            log: LogConfig::default(),
+            mqtt: MqttConfig::default(),
+            kafka: KafkaConfig::default(),
+            inference: InferenceConfig::default(),
+            // The two models the packages install, so a fresh install infers something.
+            models: ["efficientnet-lite0", "ssdlite-person"]
+                .into_iter()
+                .map(|name| ModelRef {
+                    path: PathBuf::from("/usr/share/fovea/models").join(name),
+                })
+                .collect(),
+            routes: vec![Route {
+                cameras: "*".into(),
+                models: vec!["efficientnet-lite0".into(), "ssdlite-person".into()],
+            }],
+        }
+    }
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            id: String::new(),
+            // What systemd's `StateDirectory=fovea` creates.
+            state_dir: PathBuf::from("/var/lib/fovea"),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            modules: Default::default(),
+        }
+    }
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 1883,
+            client_id: String::new(),
+            username: None,
+            password: None,
+            topics: vec!["cameras/+/frames".into()],
+            keep_alive_secs: 30,
+            max_frame_bytes: 64 * 1024 * 1024,
+            reconnect_min_ms: 250,
+            reconnect_max_ms: 30_000,
+        }
+    }
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: "127.0.0.1:9092".into(),
+            topics: TopicsConfig::default(),
+            // A single local broker: a few partitions for parallel consumers, no replicas.
+            partitions: 3,
+            replication_factor: 1,
+            compression: "lz4".into(),
+            record_limit_bytes: 1024 * 1024,
+            linger_ms: 5,
+            producer: Default::default(),
+        }
+    }
+}
+
+impl Default for TopicsConfig {
+    fn default() -> Self {
+        Self {
+            frames: "fovea.frames".into(),
+            results: "fovea.results".into(),
+            deadletter: "fovea.deadletter".into(),
+        }
+    }
+}
+
+impl Default for InferenceConfig {
+    fn default() -> Self {
+        Self {
+            onnxruntime_library: PathBuf::new(),
+            // One worker with one thread: safe on the smallest boards; raise on bigger ones.
+            workers: 1,
+            intra_threads: 1,
+            queue_capacity: 16,
+            when_behind: WhenBehind::Backpressure,
+            max_frame_age_ms: 2000,
+            min_image_side: 16,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn default_toml_is_the_default_config() {
+        let config = load_str(DEFAULT_TOML, Path::new("/nonexistent"), Vec::new())
+            .unwrap_or_else(|e| panic!("default.toml does not load:\n{e}"));
+        assert_eq!(config, Config::default());
+    }
+
+    /// Equal values are not enough: a key left out of default.toml would still load as its
+    /// default. Every key must be written out (the optional ones as comments).
+    #[test]
+    fn default_toml_documents_every_key() {
+        fn check(prefix: &str, wanted: &toml::Table, written: &toml::Table) {
+            for (key, value) in wanted {
+                let path = format!("{prefix}{key}");
+                let Some(found) = written.get(key) else {
+                    panic!("default.toml lacks `{path}`");
+                };
+                if let (toml::Value::Table(w), toml::Value::Table(f)) = (value, found) {
+                    check(&format!("{path}."), w, f);
+                }
+            }
+        }
+        let wanted = toml::Table::try_from(Config::default()).unwrap();
+        let written: toml::Table = toml::from_str(DEFAULT_TOML).unwrap();
+        check("", &wanted, &written);
+        for optional in ["# username = ", "# password = "] {
+            assert!(
+                DEFAULT_TOML.contains(optional),
+                "default.toml lacks `{optional}`"
+            );
+        }
+    }
+}

@@ -1,0 +1,166 @@
+//! The typed configuration: one struct per TOML table. Every field has a default (see
+//! `default.toml`, printed by `fovea default-config`), so an empty file is a valid config for a
+//! node with local brokers on their standard ports.
+
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// The whole config file.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Config {
+    pub node: NodeConfig,
+    pub log: LogConfig,
+    pub mqtt: MqttConfig,
+    pub kafka: KafkaConfig,
+    pub inference: InferenceConfig,
+    /// The models this node loads; each entry is a folder holding `manifest.toml`.
+    pub models: Vec<ModelRef>,
+    /// Which models run on which cameras; the first route whose pattern matches wins.
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct NodeConfig {
+    /// Name of this node in record ids and headers. Empty = the machine's hostname.
+    pub id: String,
+    /// Where the node keeps its state (spool, checkpoints). Relative paths are resolved against
+    /// the config file's folder, never the working directory (which is `/` under systemd).
+    pub state_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct LogConfig {
+    /// Default level: error, warn, info, debug, trace.
+    pub level: String,
+    /// Per-module levels, e.g. `{ "fovea::ingress" = "debug", "rdkafka" = "warn" }`.
+    pub modules: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct MqttConfig {
+    pub host: String,
+    pub port: u16,
+    /// Client id; with `clean_session = false` the broker keeps our subscriptions and unacked
+    /// frames under this id while we are away, so it must be stable. Empty = `fovea-<node id>`.
+    pub client_id: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// Topic filters to subscribe to. Each must contain exactly one `+` level: that level is the
+    /// camera id (`cameras/+/frames` -> camera `cam-1` from `cameras/cam-1/frames`).
+    pub topics: Vec<String>,
+    pub keep_alive_secs: u64,
+    /// Largest frame accepted, in bytes. Larger payloads are dead-lettered, not inferred.
+    pub max_frame_bytes: usize,
+    /// First and largest delay between reconnect attempts; the delay doubles with jitter.
+    pub reconnect_min_ms: u64,
+    pub reconnect_max_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct KafkaConfig {
+    /// Bootstrap servers of the local broker, `host:port[,host:port]`.
+    pub brokers: String,
+    pub topics: TopicsConfig,
+    /// Partitions and replication factor used when fovea creates its topics at start.
+    pub partitions: i32,
+    pub replication_factor: i32,
+    /// Producer compression: none, gzip, snappy, lz4, zstd.
+    pub compression: String,
+    /// Largest record (key + value + headers) fovea writes, in bytes. Kafka's default
+    /// `message.max.bytes` is 1 MB and many managed clusters refuse more.
+    pub record_limit_bytes: usize,
+    pub linger_ms: u64,
+    /// Extra librdkafka producer properties, passed through as they are.
+    pub producer: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct TopicsConfig {
+    pub frames: String,
+    pub results: String,
+    pub deadletter: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct InferenceConfig {
+    /// Path of `libonnxruntime.so`. Empty = the `ORT_DYLIB_PATH` environment variable.
+    pub onnxruntime_library: PathBuf,
+    /// Inference worker threads (each holds its own session per model).
+    pub workers: usize,
+    /// ONNX Runtime intra-op threads per session.
+    pub intra_threads: usize,
+    /// Frames waiting for a worker, at most.
+    pub queue_capacity: usize,
+    /// What to do when inference falls behind.
+    pub when_behind: WhenBehind,
+    /// With `skip_stale`: a frame older than this when a worker picks it up is not inferred.
+    pub max_frame_age_ms: u64,
+    /// Images narrower or shorter than this are rejected as unusable.
+    pub min_image_side: u32,
+}
+
+/// What happens when frames arrive faster than inference can take them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenBehind {
+    /// Queue up to `queue_capacity` frames, then stop reading from MQTT: the broker holds the
+    /// rest (unacked) until we catch up. Nothing is skipped.
+    Backpressure,
+    /// Frames older than `max_frame_age_ms` when a worker picks them up are stored but not
+    /// inferred; their result has status SKIPPED_STALE. Keeps results fresh on a slow box.
+    SkipStale,
+}
+
+/// A model to load: a folder with `manifest.toml` (relative to the config file's folder).
+///
+/// Unknown keys are rejected here as everywhere, but by the loader (which reports them all, with
+/// their paths) rather than by `deny_unknown_fields` (which stops at the first).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct ModelRef {
+    pub path: PathBuf,
+}
+
+/// Runs `models` on cameras whose id matches `cameras`. Both keys are required: a route that
+/// forgot its models would silently store frames without inferring.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct Route {
+    /// Camera id pattern: exact, or with `*` wildcards (`dock-*`, `*`).
+    pub cameras: String,
+    /// Model names (from their manifests); empty = store frames, infer nothing.
+    pub models: Vec<String>,
+}
+
+/// Where the kernel keeps the hostname; read directly so no libc call (or `unsafe`) is needed.
+const HOSTNAME_FILE: &str = "/proc/sys/kernel/hostname";
+
+impl Config {
+    /// This node's name: `node.id`, else the hostname, else `fovea` (a node must always have a
+    /// name, and a missing /proc is no reason not to start).
+    pub fn node_id(&self) -> String {
+        if !self.node.id.is_empty() {
+            return self.node.id.clone();
+        }
+        std::fs::read_to_string(HOSTNAME_FILE)
+            .ok()
+            .map(|name| name.trim().to_owned())
+            .filter(|name| !name.is_empty())
+            .unwrap_or_else(|| "fovea".to_owned())
+    }
+
+    /// The MQTT client id: `mqtt.client_id`, else `fovea-<node id>` (stable across restarts, so
+    /// the broker's persistent session finds us again).
+    pub fn mqtt_client_id(&self) -> String {
+        if self.mqtt.client_id.is_empty() {
+            format!("fovea-{}", self.node_id())
+        } else {
+            self.mqtt.client_id.clone()
+        }
+    }
+}

@@ -1,0 +1,360 @@
+//! Semantic checks: values that type-check but would fail later (at connect time, at topic
+//! creation, or silently). Every problem is returned, each with its key path.
+
+use super::keypath::KeyPath;
+use super::{Config, WhenBehind};
+
+const LOG_LEVELS: &[&str] = &["error", "warn", "info", "debug", "trace", "off"];
+const COMPRESSIONS: &[&str] = &["none", "gzip", "snappy", "lz4", "zstd"];
+/// Kafka refuses longer topic names (it appends to them in internal metric names).
+const MAX_TOPIC_LEN: usize = 249;
+/// Below 64 KiB a frame would be split into too many records to be worth it; above 100 MiB no
+/// broker config accepts the record anyway.
+const RECORD_LIMIT_RANGE: std::ops::RangeInclusive<usize> = 65_536..=104_857_600;
+const MAX_WORKERS: usize = 64;
+
+/// A semantic problem; its path is typed so the loader can map array indices back to the file.
+#[derive(Debug)]
+pub(super) struct Problem {
+    pub(super) path: KeyPath,
+    pub(super) message: String,
+}
+
+/// Collects problems; `check` reads as the rule it enforces.
+#[derive(Default)]
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn check(&mut self, ok: bool, path: impl Into<KeyPath>, message: impl Into<String>) {
+        if !ok {
+            self.0.push(Problem {
+                path: path.into(),
+                message: message.into(),
+            });
+        }
+    }
+}
+
+/// Every semantic problem of `config` (empty when it is usable). Run before relative paths are
+/// resolved, so an empty path is still seen as empty.
+pub(super) fn validate(config: &Config) -> Vec<Problem> {
+    let mut p = Problems::default();
+    node(config, &mut p);
+    log(config, &mut p);
+    mqtt(config, &mut p);
+    kafka(config, &mut p);
+    inference(config, &mut p);
+    models_and_routes(config, &mut p);
+    p.0
+}
+
+/// Record ids and Kafka keys embed the node id, so it keeps to a safe alphabet.
+fn is_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+fn node(config: &Config, p: &mut Problems) {
+    let node = &config.node;
+    p.check(
+        node.id.is_empty() || is_id(&node.id),
+        "node.id",
+        format!(
+            "{:?} may only contain A-Z a-z 0-9 . _ - (or be empty for the hostname)",
+            node.id
+        ),
+    );
+    p.check(
+        !node.state_dir.as_os_str().is_empty(),
+        "node.state_dir",
+        "must not be empty",
+    );
+}
+
+fn log(config: &Config, p: &mut Problems) {
+    let level_msg = |level: &str| format!("{level:?} is not one of {}", LOG_LEVELS.join(", "));
+    let level = &config.log.level;
+    p.check(
+        LOG_LEVELS.contains(&level.as_str()),
+        "log.level",
+        level_msg(level),
+    );
+    for (module, level) in &config.log.modules {
+        let path = KeyPath::from("log.modules").key(module.clone());
+        p.check(
+            !module.is_empty(),
+            path.clone(),
+            "module name must not be empty",
+        );
+        p.check(LOG_LEVELS.contains(&level.as_str()), path, level_msg(level));
+    }
+}
+
+fn mqtt(config: &Config, p: &mut Problems) {
+    let m = &config.mqtt;
+    p.check(!m.host.trim().is_empty(), "mqtt.host", "must not be empty");
+    p.check(m.port != 0, "mqtt.port", "must not be 0");
+    p.check(
+        m.password.is_none() || m.username.is_some(),
+        "mqtt.password",
+        "MQTT sends a password only with a username: set mqtt.username too",
+    );
+    p.check(
+        !m.topics.is_empty(),
+        "mqtt.topics",
+        "needs at least one topic filter",
+    );
+    for (i, topic) in m.topics.iter().enumerate() {
+        if let Err(why) = check_topic_filter(topic) {
+            p.check(
+                false,
+                KeyPath::from("mqtt.topics").index(i),
+                format!("{topic:?}: {why}"),
+            );
+        }
+    }
+    // The MQTT keep-alive is a 16-bit number of seconds; under 5 s a busy link flaps.
+    p.check(
+        (5..=65_535).contains(&m.keep_alive_secs),
+        "mqtt.keep_alive_secs",
+        format!("{} is not between 5 and 65535", m.keep_alive_secs),
+    );
+    p.check(
+        m.max_frame_bytes >= 1024,
+        "mqtt.max_frame_bytes",
+        format!(
+            "{} is below 1024 bytes: no real image fits",
+            m.max_frame_bytes
+        ),
+    );
+    p.check(
+        m.reconnect_min_ms > 0,
+        "mqtt.reconnect_min_ms",
+        "must be above 0",
+    );
+    p.check(
+        m.reconnect_max_ms > 0,
+        "mqtt.reconnect_max_ms",
+        "must be above 0",
+    );
+    p.check(
+        m.reconnect_min_ms <= m.reconnect_max_ms,
+        "mqtt.reconnect_min_ms",
+        format!(
+            "{} is above mqtt.reconnect_max_ms ({})",
+            m.reconnect_min_ms, m.reconnect_max_ms
+        ),
+    );
+}
+
+/// A filter names its camera with exactly one `+` level; `#` would make the camera ambiguous.
+fn check_topic_filter(topic: &str) -> Result<(), &'static str> {
+    if topic.contains('#') {
+        return Err("`#` is not allowed: the camera id must be one `+` level");
+    }
+    let levels: Vec<&str> = topic.split('/').collect();
+    if levels.iter().any(|l| l.contains('+') && *l != "+") {
+        return Err("`+` must be a whole level, as in `cameras/+/frames`");
+    }
+    match levels.iter().filter(|l| **l == "+").count() {
+        1 => Ok(()),
+        0 => Err("needs one `+` level (the camera id)"),
+        _ => Err("has more than one `+` level: which one is the camera id?"),
+    }
+}
+
+fn kafka(config: &Config, p: &mut Problems) {
+    let k = &config.kafka;
+    p.check(
+        !k.brokers.trim().is_empty(),
+        "kafka.brokers",
+        "must not be empty",
+    );
+    let topics = [
+        ("frames", &k.topics.frames),
+        ("results", &k.topics.results),
+        ("deadletter", &k.topics.deadletter),
+    ];
+    for (i, (name, topic)) in topics.iter().enumerate() {
+        let path = KeyPath::from("kafka.topics").key(*name);
+        if let Err(why) = check_kafka_topic(topic) {
+            p.check(false, path.clone(), format!("{topic:?}: {why}"));
+        }
+        if let Some((other, _)) = topics[..i]
+            .iter()
+            .find(|(_, t)| !t.is_empty() && *t == *topic)
+        {
+            p.check(
+                false,
+                path.clone(),
+                format!("{topic:?} is also kafka.topics.{other}: each kind of record needs its own topic"),
+            );
+        }
+    }
+    p.check(k.partitions >= 1, "kafka.partitions", "must be at least 1");
+    p.check(
+        k.replication_factor >= 1,
+        "kafka.replication_factor",
+        "must be at least 1",
+    );
+    p.check(
+        COMPRESSIONS.contains(&k.compression.as_str()),
+        "kafka.compression",
+        format!(
+            "{:?} is not one of {}",
+            k.compression,
+            COMPRESSIONS.join(", ")
+        ),
+    );
+    p.check(
+        RECORD_LIMIT_RANGE.contains(&k.record_limit_bytes),
+        "kafka.record_limit_bytes",
+        format!(
+            "{} is not between {} and {}",
+            k.record_limit_bytes,
+            RECORD_LIMIT_RANGE.start(),
+            RECORD_LIMIT_RANGE.end()
+        ),
+    );
+}
+
+fn check_kafka_topic(topic: &str) -> Result<(), &'static str> {
+    if topic.is_empty() {
+        Err("must not be empty")
+    } else if topic.len() > MAX_TOPIC_LEN {
+        Err("is longer than Kafka's 249 characters")
+    } else if topic == "." || topic == ".." {
+        Err("Kafka does not allow `.` or `..` as a topic name")
+    } else if !topic
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    {
+        Err("Kafka topic names may only contain A-Z a-z 0-9 . _ -")
+    } else {
+        Ok(())
+    }
+}
+
+fn inference(config: &Config, p: &mut Problems) {
+    let i = &config.inference;
+    p.check(
+        (1..=MAX_WORKERS).contains(&i.workers),
+        "inference.workers",
+        format!("{} is not between 1 and {MAX_WORKERS}", i.workers),
+    );
+    p.check(
+        i.intra_threads >= 1,
+        "inference.intra_threads",
+        "must be at least 1",
+    );
+    p.check(
+        i.queue_capacity >= 1,
+        "inference.queue_capacity",
+        "must be at least 1",
+    );
+    p.check(
+        i.when_behind != WhenBehind::SkipStale || i.max_frame_age_ms > 0,
+        "inference.max_frame_age_ms",
+        "must be above 0 with when_behind = \"skip_stale\" (else every frame is stale)",
+    );
+    p.check(
+        i.min_image_side >= 1,
+        "inference.min_image_side",
+        "must be at least 1",
+    );
+}
+
+fn models_and_routes(config: &Config, p: &mut Problems) {
+    for (i, model) in config.models.iter().enumerate() {
+        p.check(
+            !model.path.as_os_str().is_empty(),
+            KeyPath::from("models").index(i).key("path"),
+            "must not be empty",
+        );
+    }
+    for (i, route) in config.routes.iter().enumerate() {
+        p.check(
+            !route.cameras.trim().is_empty(),
+            KeyPath::from("routes").index(i).key("cameras"),
+            "must not be empty (use \"*\" for every camera)",
+        );
+        for (j, model) in route.models.iter().enumerate() {
+            p.check(
+                !model.trim().is_empty(),
+                KeyPath::from("routes").index(i).key("models").index(j),
+                "model name must not be empty",
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn paths(config: &Config) -> Vec<String> {
+        validate(config)
+            .into_iter()
+            .map(|e| e.path.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn default_config_is_valid() {
+        assert!(validate(&Config::default()).is_empty());
+    }
+
+    #[test]
+    fn every_problem_is_reported() {
+        let mut c = Config::default();
+        c.node.id = "bad id".into();
+        c.log.modules.insert("rdkafka".into(), "loud".into());
+        c.mqtt.topics = vec!["cameras/#".into(), "a/+/b/+".into(), "ok/+/x".into()];
+        c.mqtt.reconnect_min_ms = 5000;
+        c.mqtt.reconnect_max_ms = 100;
+        c.kafka.topics.results = c.kafka.topics.frames.clone();
+        c.kafka.topics.deadletter = "bad topic".into();
+        c.kafka.compression = "brotli".into();
+        c.kafka.record_limit_bytes = 1;
+        c.inference.workers = 0;
+        c.inference.when_behind = WhenBehind::SkipStale;
+        c.inference.max_frame_age_ms = 0;
+        c.routes[0].models.push(" ".into());
+        assert_eq!(
+            paths(&c),
+            [
+                "node.id",
+                "log.modules.rdkafka",
+                "mqtt.topics[0]",
+                "mqtt.topics[1]",
+                "mqtt.reconnect_min_ms",
+                "kafka.topics.results",
+                "kafka.topics.deadletter",
+                "kafka.compression",
+                "kafka.record_limit_bytes",
+                "inference.workers",
+                "inference.max_frame_age_ms",
+                "routes[0].models[2]",
+            ]
+        );
+    }
+
+    #[test]
+    fn topic_filters_need_exactly_one_whole_plus_level() {
+        assert!(check_topic_filter("cameras/+/frames").is_ok());
+        assert!(check_topic_filter("+").is_ok());
+        assert!(check_topic_filter("cameras/frames").is_err());
+        assert!(check_topic_filter("cameras/cam+/frames").is_err());
+        assert!(check_topic_filter("cameras/+/#").is_err());
+    }
+
+    #[test]
+    fn kafka_topic_names_follow_kafka_rules() {
+        assert!(check_kafka_topic("fovea.results_v2-a").is_ok());
+        assert!(check_kafka_topic(&"a".repeat(249)).is_ok());
+        assert!(check_kafka_topic(&"a".repeat(250)).is_err());
+        assert!(check_kafka_topic("..").is_err());
+        assert!(check_kafka_topic("a/b").is_err());
+    }
+}
