@@ -1,0 +1,200 @@
+//! The MQTT connection. QoS 1, `clean_session = false` and manual acks: the broker keeps a frame
+//! (and redelivers it after a reconnect or a restart of fovea) until we PUBACK it, and we PUBACK
+//! only once the frame's records are durable. The broker's in-flight window for our client
+//! (mosquitto's `max_inflight_messages`) bounds how many frames are in the pipeline at once: that
+//! is the back-pressure to the cameras when inference or Kafka fall behind.
+
+use super::ack::Ack;
+use super::backoff::Backoff;
+use super::payload::Rejection;
+use super::topic;
+use crate::config::MqttConfig;
+use crate::pipeline::job::{Done, Job, JobMeta, Verdict, now_ms};
+use crate::stats::Stats;
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc::UnboundedSender, watch};
+
+/// rumqttc refuses (and drops the connection on) a packet above its limit, and the broker would
+/// redeliver it forever; so the client accepts anything MQTT can carry and fovea refuses
+/// oversized frames itself, with a dead letter.
+const MQTT_MAX_PACKET: usize = 268_435_455;
+
+pub struct Ingress {
+    cfg: MqttConfig,
+    client: AsyncClient,
+    events: EventLoop,
+    jobs: async_channel::Sender<Job>,
+    done: UnboundedSender<Done>,
+    stats: Arc<Stats>,
+    /// Per-camera arrival counter (see `JobMeta::node_seq`).
+    sequences: HashMap<String, u64>,
+}
+
+impl Ingress {
+    pub fn new(
+        cfg: &MqttConfig,
+        client_id: &str,
+        jobs: async_channel::Sender<Job>,
+        done: UnboundedSender<Done>,
+        stats: Arc<Stats>,
+    ) -> Self {
+        let mut opts = MqttOptions::new(client_id, cfg.host.clone(), cfg.port);
+        opts.set_keep_alive(Duration::from_secs(cfg.keep_alive_secs))
+            .set_clean_session(false)
+            .set_manual_acks(true)
+            .set_max_packet_size(MQTT_MAX_PACKET, 1 << 20);
+        if let (Some(user), Some(pass)) = (&cfg.username, &cfg.password) {
+            opts.set_credentials(user.clone(), pass.clone());
+        }
+        let (client, events) = AsyncClient::new(opts, 256);
+        Ingress {
+            cfg: cfg.clone(),
+            client,
+            events,
+            jobs,
+            done,
+            stats,
+            sequences: HashMap::new(),
+        }
+    }
+
+    /// Receives frames until `shutdown` turns true; then stops taking frames (they stay un-acked
+    /// at the broker), keeps the connection up so that the acks of frames in flight still go out,
+    /// until `drained` turns true, and disconnects.
+    pub async fn run(
+        mut self,
+        mut shutdown: watch::Receiver<bool>,
+        mut drained: watch::Receiver<bool>,
+    ) {
+        let mut backoff = Backoff::new(
+            Duration::from_millis(self.cfg.reconnect_min_ms),
+            Duration::from_millis(self.cfg.reconnect_max_ms),
+        );
+        let mut taking = true;
+        loop {
+            let event = tokio::select! {
+                ev = self.events.poll() => ev,
+                _ = shutdown.changed(), if taking => {
+                    taking = false;
+                    // Closing our senders lets the workers and then the outbox finish.
+                    self.jobs.close();
+                    let (closed, _) = tokio::sync::mpsc::unbounded_channel();
+                    self.done = closed;
+                    log::info!("ingress: no longer taking frames; waiting for frames in flight");
+                    continue;
+                }
+                _ = drained.changed(), if !taking => {
+                    let _ = self.client.try_disconnect();
+                    // Let the eventloop write out pending acks and the DISCONNECT.
+                    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                        while self.events.poll().await.is_ok() {}
+                    }).await;
+                    log::info!("ingress: disconnected");
+                    return;
+                }
+            };
+            match event {
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    backoff.reset();
+                    log::info!(
+                        "mqtt connected to {}:{} (session present: {})",
+                        self.cfg.host,
+                        self.cfg.port,
+                        ack.session_present
+                    );
+                    let filters = self
+                        .cfg
+                        .topics
+                        .iter()
+                        .map(|t| rumqttc::SubscribeFilter::new(t.clone(), QoS::AtLeastOnce));
+                    if let Err(e) = self.client.try_subscribe_many(filters) {
+                        log::error!("mqtt subscribe failed: {e}");
+                    }
+                }
+                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    let refused = ack
+                        .return_codes
+                        .iter()
+                        .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure));
+                    if refused {
+                        log::error!(
+                            "mqtt broker refused a subscription to {:?}",
+                            self.cfg.topics
+                        );
+                    } else {
+                        log::info!("mqtt subscribed to {}", self.cfg.topics.join(", "));
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(publish))) => {
+                    if taking {
+                        self.accept(publish).await;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    log::warn!(
+                        "mqtt connection to {}:{} failed (attempt {}): {e}; retrying in {} ms",
+                        self.cfg.host,
+                        self.cfg.port,
+                        backoff.attempts(),
+                        delay.as_millis()
+                    );
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = drained.changed(), if !taking => return,
+                    }
+                }
+            }
+        }
+    }
+
+    async fn accept(&mut self, publish: Publish) {
+        Stats::incr(&self.stats.frames_in);
+        let camera = topic::camera_id(&self.cfg.topics, &publish.topic)
+            .unwrap_or("_unknown")
+            .to_string();
+        let seq = self.sequences.entry(camera.clone()).or_insert(0);
+        *seq += 1;
+        let meta = JobMeta {
+            camera,
+            source: format!("mqtt:{}", publish.topic),
+            node_seq: *seq,
+            received: Instant::now(),
+            received_at_ms: now_ms(),
+            ack: Ack::new(self.client.clone(), &publish),
+            started: None,
+            finished: None,
+        };
+        let size = publish.payload.len();
+        let refused = if meta.camera == "_unknown" {
+            Some(Rejection::BadTopic(publish.topic.clone()))
+        } else if size > self.cfg.max_frame_bytes {
+            Some(Rejection::TooLarge {
+                size,
+                limit: self.cfg.max_frame_bytes,
+            })
+        } else {
+            None
+        };
+        if let Some(rejection) = refused {
+            log::warn!("refused frame from {}: {rejection}", meta.source);
+            let payload = publish.payload;
+            let _ = self.done.send(Done {
+                meta,
+                verdict: Verdict::Rejected { rejection, payload },
+            });
+            return;
+        }
+        let job = Job {
+            meta,
+            payload: publish.payload,
+        };
+        if self.jobs.send(job).await.is_err() {
+            log::warn!("workers are gone; frame left un-acked for redelivery");
+        }
+    }
+}

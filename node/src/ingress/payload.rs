@@ -1,0 +1,193 @@
+//! What a camera's MQTT payload is: a bare JPEG/PNG, or a protobuf `Frame` envelope around one.
+//!
+//! Bare images are recognised by their magic bytes; anything else must decode as a `Frame` whose
+//! `data` is a JPEG or PNG. The result is a [`Frame`] with the image bytes untouched (fovea stores
+//! exactly what the camera sent) and a stable frame id for the record id.
+
+use bytes::Bytes;
+use fovea_proto::v1::Frame;
+use prost::Message;
+use sha2::{Digest, Sha256};
+
+pub const JPEG: &str = "image/jpeg";
+pub const PNG: &str = "image/png";
+
+/// Why a payload is not a frame. Each is dead-lettered with [`Rejection::kind`] and its message.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Rejection {
+    #[error("empty payload")]
+    Empty,
+    #[error("payload of {size} bytes exceeds mqtt.max_frame_bytes ({limit})")]
+    TooLarge { size: usize, limit: usize },
+    #[error("payload is neither a JPEG, a PNG nor a fovea.v1.Frame envelope (first bytes: {0})")]
+    Unrecognised(String),
+    #[error("Frame envelope holds no image data")]
+    EnvelopeEmpty,
+    #[error("Frame envelope content_type {0:?} is not image/jpeg or image/png")]
+    UnsupportedType(String),
+    #[error("Frame envelope names camera {envelope:?} but was published for camera {topic:?}")]
+    CameraMismatch { envelope: String, topic: String },
+    #[error("topic {0:?} does not name a camera under any subscribed filter")]
+    BadTopic(String),
+    #[error("image could not be decoded: {0}")]
+    Decode(String),
+    #[error("image is {width}x{height} pixels; the minimum is {min}x{min}")]
+    TooSmall { width: u32, height: u32, min: u32 },
+}
+
+impl Rejection {
+    /// Machine-readable class, written to the dead letter's `kind` and header.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Rejection::Empty => "empty-payload",
+            Rejection::TooLarge { .. } => "too-large",
+            Rejection::Unrecognised(_) => "unrecognised-payload",
+            Rejection::EnvelopeEmpty => "empty-envelope",
+            Rejection::UnsupportedType(_) => "unsupported-type",
+            Rejection::CameraMismatch { .. } => "camera-mismatch",
+            Rejection::BadTopic(_) => "bad-topic",
+            Rejection::Decode(_) => "decode-failed",
+            Rejection::TooSmall { .. } => "too-small",
+        }
+    }
+}
+
+/// Sniffs the MIME type of an encoded image from its magic bytes.
+pub fn sniff(data: &[u8]) -> Option<&'static str> {
+    if data.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        Some(JPEG)
+    } else if data.starts_with(b"\x89PNG\r\n\x1a\n") {
+        Some(PNG)
+    } else {
+        None
+    }
+}
+
+/// Turns a payload published by `camera` into a [`Frame`] (not yet decoded: that is the workers'
+/// job, off the I/O threads). Sets `camera_id`, `content_type` and leaves fovea's own fields unset.
+pub fn parse(camera: &str, payload: Bytes) -> Result<Frame, Rejection> {
+    if payload.is_empty() {
+        return Err(Rejection::Empty);
+    }
+    if let Some(content_type) = sniff(&payload) {
+        return Ok(Frame {
+            camera_id: camera.to_string(),
+            content_type: content_type.to_string(),
+            data: payload,
+            ..Frame::default()
+        });
+    }
+    let mut frame = Frame::decode(payload.clone()).map_err(|_| unrecognised(&payload))?;
+    if frame.data.is_empty() {
+        // A payload of random bytes can decode as an empty protobuf message; call it what it is.
+        return Err(if frame == Frame::default() {
+            unrecognised(&payload)
+        } else {
+            Rejection::EnvelopeEmpty
+        });
+    }
+    if !frame.camera_id.is_empty() && frame.camera_id != camera {
+        return Err(Rejection::CameraMismatch {
+            envelope: frame.camera_id,
+            topic: camera.to_string(),
+        });
+    }
+    let sniffed = sniff(&frame.data).ok_or_else(|| unrecognised(&frame.data))?;
+    if !frame.content_type.is_empty() && frame.content_type != sniffed {
+        return Err(Rejection::UnsupportedType(frame.content_type));
+    }
+    frame.camera_id = camera.to_string();
+    frame.content_type = sniffed.to_string();
+    Ok(frame)
+}
+
+fn unrecognised(data: &[u8]) -> Rejection {
+    Rejection::Unrecognised(hex::encode(&data[..data.len().min(8)]))
+}
+
+/// The frame's id within its camera: the camera's own sequence number when it sent one, else the
+/// first 16 hex digits of the image's SHA-256. Either way a redelivered frame gets the same id,
+/// which is what lets consumers deduplicate after at-least-once delivery.
+pub fn frame_id(frame: &Frame) -> String {
+    if frame.sequence != 0 {
+        format!("s{}", frame.sequence)
+    } else {
+        format!("h{}", &sha256_hex(&frame.data)[..16])
+    }
+}
+
+/// `node/camera/frame-id`: the record id on every record about this frame.
+pub fn record_id(node: &str, camera: &str, frame_id: &str) -> String {
+    format!("{node}/{camera}/{frame_id}")
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TINY_JPEG: &[u8] = &[0xFF, 0xD8, 0xFF, 0xE0, 0, 0x10];
+
+    #[test]
+    fn bare_images_are_sniffed() {
+        let f = parse("c1", Bytes::from_static(TINY_JPEG)).unwrap();
+        assert_eq!(f.content_type, JPEG);
+        assert_eq!(f.camera_id, "c1");
+        assert_eq!(&f.data[..], TINY_JPEG);
+        let png = parse("c1", Bytes::from_static(b"\x89PNG\r\n\x1a\nrest")).unwrap();
+        assert_eq!(png.content_type, PNG);
+    }
+
+    #[test]
+    fn envelope_keeps_camera_metadata() {
+        let env = Frame {
+            sequence: 42,
+            captured_at_ms: 7,
+            data: Bytes::from_static(TINY_JPEG),
+            metadata: [("site".to_string(), "dock".to_string())].into(),
+            ..Frame::default()
+        };
+        let f = parse("c1", env.encode_to_vec().into()).unwrap();
+        assert_eq!((f.sequence, f.captured_at_ms), (42, 7));
+        assert_eq!(f.metadata["site"], "dock");
+        assert_eq!(f.content_type, JPEG);
+        assert_eq!(frame_id(&f), "s42");
+    }
+
+    #[test]
+    fn bad_payloads_are_rejected_with_a_kind() {
+        assert_eq!(
+            parse("c", Bytes::new()).unwrap_err().kind(),
+            "empty-payload"
+        );
+        let junk = parse("c", Bytes::from_static(b"\xff\xff\xff\xffhello")).unwrap_err();
+        assert_eq!(junk.kind(), "unrecognised-payload");
+        let text = parse("c", Bytes::from_static(b"hello world")).unwrap_err();
+        assert_eq!(text.kind(), "unrecognised-payload");
+        let other_cam = Frame {
+            camera_id: "c2".into(),
+            data: Bytes::from_static(TINY_JPEG),
+            ..Frame::default()
+        };
+        let err = parse("c1", other_cam.encode_to_vec().into()).unwrap_err();
+        assert_eq!(err.kind(), "camera-mismatch");
+        let no_image = Frame {
+            captured_at_ms: 5,
+            ..Frame::default()
+        };
+        let err = parse("c1", no_image.encode_to_vec().into()).unwrap_err();
+        assert_eq!(err.kind(), "empty-envelope");
+    }
+
+    #[test]
+    fn content_hash_id_is_stable() {
+        let a = parse("c", Bytes::from_static(TINY_JPEG)).unwrap();
+        let b = parse("c", Bytes::from_static(TINY_JPEG)).unwrap();
+        assert_eq!(frame_id(&a), frame_id(&b));
+        assert!(frame_id(&a).starts_with('h'));
+        assert_eq!(record_id("n", "c", "s1"), "n/c/s1");
+    }
+}

@@ -1,0 +1,22 @@
+//! fovea: an edge machine-vision node. Cameras publish frames over MQTT; fovea runs ONNX models on
+//! them and writes frames and results to the local Kafka broker.
+//!
+//! Layout (one module per stage):
+//! - [`config`]: the TOML config: typed, every error at once, env overrides, default config.
+//! - [`ingress`]: MQTT connection, payload parsing, camera ids, manual acks.
+//! - [`inference`]: model manifests, preprocessing, ONNX Runtime sessions, postprocessing.
+//! - [`pipeline`]: the wiring: bounded queue, worker threads, per-camera ordering, shutdown.
+//! - [`outbox`]: Kafka records (and the size policy), the producer, topic creation.
+//! - [`stats`]: counters and stage latencies.
+//! - [`tools`]: `fovea camera`, `fovea tail`, `fovea bench`.
+//! - [`cli`], [`logging`]: the binary's edges.
+
+pub mod cli;
+pub mod config;
+pub mod inference;
+pub mod ingress;
+pub mod logging;
+pub mod outbox;
+pub mod pipeline;
+pub mod stats;
+pub mod tools;

@@ -1,0 +1,127 @@
+//! The `fovea` binary: parses the command line and runs one command. Errors end here, printed
+//! with their causes, with a non-zero exit code (so systemd restarts a failed node).
+
+use clap::Parser;
+use fovea::cli::{Cli, Command};
+use fovea::{config, logging, pipeline, stats::Stats, tools};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::DefaultConfig => {
+            print!("{}", config::DEFAULT_TOML);
+            ExitCode::SUCCESS
+        }
+        Command::Validate { config } => validate(&config),
+        command => match run(command, cli.log_level.as_deref()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("fovea: error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn validate(path: &std::path::Path) -> ExitCode {
+    let cfg = match config::load(path) {
+        Ok(cfg) => cfg,
+        Err(errors) => {
+            eprintln!(
+                "{}: {} problem(s):\n{errors}",
+                path.display(),
+                errors.0.len()
+            );
+            return ExitCode::from(2);
+        }
+    };
+    match pipeline::prepare(cfg) {
+        Ok(p) => {
+            println!(
+                "{}: OK ({} model(s): {}; {} route(s))",
+                path.display(),
+                p.models.len(),
+                p.models
+                    .iter()
+                    .map(|m| format!("{}@{}", m.name, m.version))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                p.cfg.routes.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{}: {e:#}", path.display());
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(command: Command, log_level: Option<&str>) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match command {
+        Command::Run {
+            config,
+            drain_timeout,
+        } => {
+            let cfg =
+                config::load(&config).map_err(|e| anyhow::anyhow!("{}:\n{e}", config.display()))?;
+            logging::init(&cfg.log, log_level)?;
+            runtime.block_on(run_node(cfg, Duration::from_secs(drain_timeout)))
+        }
+        Command::Camera(args) => {
+            logging::init(&config::LogConfig::default(), log_level)?;
+            runtime.block_on(tools::camera::run(args))
+        }
+        Command::Tail(args) => {
+            logging::init(&config::LogConfig::default(), log_level.or(Some("warn")))?;
+            tools::tail::run(args)
+        }
+        Command::Bench(args) => {
+            let cfg = config::load(&args.config)
+                .map_err(|e| anyhow::anyhow!("{}:\n{e}", args.config.display()))?;
+            logging::init(&cfg.log, log_level.or(Some("warn")))?;
+            runtime.block_on(tools::bench::run(args, cfg))
+        }
+        Command::Validate { .. } | Command::DefaultConfig => unreachable!("handled in main"),
+    }
+}
+
+/// Runs the node until SIGTERM or SIGINT, then drains for at most `drain`; a second signal, or
+/// the deadline, ends the process at once (un-acked frames are redelivered by the MQTT broker).
+async fn run_node(cfg: config::Config, drain: Duration) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let prepared = pipeline::prepare(cfg)?;
+    let stats = Arc::new(Stats::default());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut node = tokio::spawn(pipeline::run(prepared, stop_rx, stats.clone()));
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        result = &mut node => return result?,
+        _ = term.recv() => log::info!("SIGTERM: draining (at most {} s)", drain.as_secs()),
+        _ = int.recv() => log::info!("SIGINT: draining (at most {} s)", drain.as_secs()),
+    }
+    let _ = stop_tx.send(true);
+    tokio::select! {
+        result = &mut node => result??,
+        _ = tokio::time::sleep(drain) => log::warn!("drain deadline passed; exiting with frames in flight (they will be redelivered)"),
+        _ = term.recv() => log::warn!("second signal: exiting now"),
+        _ = int.recv() => log::warn!("second signal: exiting now"),
+    }
+    log::info!(
+        "stopped: {} frames in, {} acked, {} results, {} frames, {} dead letters, {} skipped",
+        Stats::get(&stats.frames_in),
+        Stats::get(&stats.acked),
+        Stats::get(&stats.results_out),
+        Stats::get(&stats.frames_out),
+        Stats::get(&stats.dead_letters),
+        Stats::get(&stats.skipped_stale)
+    );
+    Ok(())
+}

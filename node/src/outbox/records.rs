@@ -1,0 +1,299 @@
+//! Turns a finished job into the Kafka records to write: the frame, its result, or a dead letter.
+//!
+//! This is where the size policy lives. Until chunking and claim checks land, a frame whose record
+//! would exceed the record limit is not written to the frames topic: a dead letter records it
+//! (metadata and checksum, not the bytes) and its result still goes to the results topic, saying
+//! where the frame went. Nothing here talks to Kafka, so it is tested without a broker.
+
+use crate::config::TopicsConfig;
+use crate::ingress::payload::{self, Rejection};
+use crate::pipeline::job::{Done, JobMeta, Verdict};
+use bytes::Bytes;
+use fovea_proto::headers as h;
+use fovea_proto::v1::{DeadLetter, Frame, InferenceResult};
+use prost::Message;
+
+/// Room left under the record limit for the record batch framing a broker counts too.
+pub const FRAMING_ALLOWANCE: usize = 512;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordKind {
+    Frame,
+    Result,
+    DeadLetter,
+}
+
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub kind: RecordKind,
+    pub topic: String,
+    pub key: String,
+    pub value: Vec<u8>,
+    pub headers: Vec<(&'static str, String)>,
+}
+
+impl Record {
+    /// Bytes the producer and broker count against `message.max.bytes`.
+    pub fn size(&self) -> usize {
+        self.key.len()
+            + self.value.len()
+            + self
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
+    }
+}
+
+/// What the outbox needs to name and size records.
+#[derive(Debug, Clone)]
+pub struct Naming {
+    pub node_id: String,
+    pub topics: TopicsConfig,
+    /// Largest record, key + value + headers (`kafka.record_limit_bytes`).
+    pub record_limit: usize,
+}
+
+impl Naming {
+    fn fits(&self, record: &Record) -> bool {
+        record.size() + FRAMING_ALLOWANCE <= self.record_limit
+    }
+}
+
+/// The records for one finished job, in the order they must be written.
+pub fn plan(done: &Done, naming: &Naming) -> Vec<Record> {
+    match &done.verdict {
+        Verdict::Frame { frame, result } => plan_frame(frame, result, naming),
+        Verdict::Rejected { rejection, payload } => {
+            vec![dead_letter(&done.meta, rejection, payload, naming)]
+        }
+    }
+}
+
+fn plan_frame(frame: &Frame, result: &InferenceResult, naming: &Naming) -> Vec<Record> {
+    let mut result = result.clone();
+    let mut records = Vec::with_capacity(2);
+    let frame_record = Record {
+        kind: RecordKind::Frame,
+        topic: naming.topics.frames.clone(),
+        key: frame.camera_id.clone(),
+        value: frame.encode_to_vec(),
+        headers: vec![
+            (h::CONTENT_TYPE, h::CONTENT_TYPE_PROTOBUF.into()),
+            (h::SCHEMA, h::SCHEMA_FRAME.into()),
+            (h::RECORD_ID, frame.record_id.clone()),
+            (h::NODE, frame.node_id.clone()),
+            (h::CAMERA, frame.camera_id.clone()),
+            (h::IMAGE_TYPE, frame.content_type.clone()),
+            (h::SIZE_POLICY, "inline".into()),
+        ],
+    };
+    let disposition = result.frame.get_or_insert_default();
+    if naming.fits(&frame_record) {
+        disposition.topic = frame_record.topic.clone();
+        disposition.size_policy = "inline".into();
+        records.push(frame_record);
+    } else {
+        let reason = format!(
+            "frame record of {} bytes exceeds kafka.record_limit_bytes ({} bytes, less {} for \
+             framing); large-frame support (chunking, claim check) is not enabled",
+            frame_record.size(),
+            naming.record_limit,
+            FRAMING_ALLOWANCE
+        );
+        disposition.topic = naming.topics.deadletter.clone();
+        disposition.size_policy = "dead-letter".into();
+        disposition.reason = reason.clone();
+        let letter = DeadLetter {
+            record_id: frame.record_id.clone(),
+            node_id: frame.node_id.clone(),
+            camera_id: frame.camera_id.clone(),
+            source: String::new(),
+            kind: "record-too-large".into(),
+            reason,
+            payload_size: frame.data.len() as u64,
+            payload_sha256: payload::sha256_hex(&frame.data),
+            payload: Bytes::new(),
+            payload_truncated: true,
+            received_at_ms: frame.received_at_ms,
+        };
+        records.push(dead_letter_record(letter, naming));
+    }
+    let models = result
+        .outputs
+        .iter()
+        .map(|o| format!("{}@{}", o.model, o.model_version))
+        .collect::<Vec<_>>()
+        .join(",");
+    records.push(Record {
+        kind: RecordKind::Result,
+        topic: naming.topics.results.clone(),
+        key: result.camera_id.clone(),
+        headers: vec![
+            (h::CONTENT_TYPE, h::CONTENT_TYPE_PROTOBUF.into()),
+            (h::SCHEMA, h::SCHEMA_RESULT.into()),
+            (h::RECORD_ID, result.record_id.clone()),
+            (h::NODE, result.node_id.clone()),
+            (h::CAMERA, result.camera_id.clone()),
+            (h::MODEL, models),
+        ],
+        value: result.encode_to_vec(),
+    });
+    records
+}
+
+fn dead_letter(meta: &JobMeta, rejection: &Rejection, payload: &Bytes, naming: &Naming) -> Record {
+    let sha = payload::sha256_hex(payload);
+    let mut letter = DeadLetter {
+        record_id: payload::record_id(&naming.node_id, &meta.camera, &format!("h{}", &sha[..16])),
+        node_id: naming.node_id.clone(),
+        camera_id: meta.camera.clone(),
+        source: meta.source.clone(),
+        kind: rejection.kind().into(),
+        reason: rejection.to_string(),
+        payload_size: payload.len() as u64,
+        payload_sha256: sha,
+        payload: payload.clone(),
+        payload_truncated: false,
+        received_at_ms: meta.received_at_ms,
+    };
+    let record = dead_letter_record(letter.clone(), naming);
+    if naming.fits(&record) {
+        return record;
+    }
+    // Keep the evidence (size, checksum, reason) even when the bytes themselves cannot travel.
+    letter.payload = Bytes::new();
+    letter.payload_truncated = true;
+    dead_letter_record(letter, naming)
+}
+
+fn dead_letter_record(letter: DeadLetter, naming: &Naming) -> Record {
+    Record {
+        kind: RecordKind::DeadLetter,
+        topic: naming.topics.deadletter.clone(),
+        key: letter.camera_id.clone(),
+        headers: vec![
+            (h::CONTENT_TYPE, h::CONTENT_TYPE_PROTOBUF.into()),
+            (h::SCHEMA, h::SCHEMA_DEAD_LETTER.into()),
+            (h::RECORD_ID, letter.record_id.clone()),
+            (h::NODE, letter.node_id.clone()),
+            (h::CAMERA, letter.camera_id.clone()),
+            (h::ERROR_KIND, letter.kind.clone()),
+            (h::SIZE_POLICY, "dead-letter".into()),
+        ],
+        value: letter.encode_to_vec(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ingress::ack::Ack;
+    use std::time::Instant;
+
+    fn naming(limit: usize) -> Naming {
+        Naming {
+            node_id: "n1".into(),
+            topics: crate::config::Config::default().kafka.topics,
+            record_limit: limit,
+        }
+    }
+
+    fn meta() -> JobMeta {
+        JobMeta {
+            camera: "cam".into(),
+            source: "mqtt:cameras/cam/frames".into(),
+            node_seq: 1,
+            received: Instant::now(),
+            received_at_ms: 1,
+            ack: Ack::none(),
+            started: None,
+            finished: None,
+        }
+    }
+
+    fn frame_done(size: usize) -> Done {
+        let frame = Frame {
+            camera_id: "cam".into(),
+            record_id: "n1/cam/s1".into(),
+            node_id: "n1".into(),
+            data: vec![7u8; size].into(),
+            ..Frame::default()
+        };
+        let result = InferenceResult {
+            record_id: "n1/cam/s1".into(),
+            camera_id: "cam".into(),
+            ..InferenceResult::default()
+        };
+        Done {
+            meta: meta(),
+            verdict: Verdict::Frame {
+                frame: Box::new(frame),
+                result: Box::new(result),
+            },
+        }
+    }
+
+    fn result_of(records: &[Record]) -> InferenceResult {
+        let r = records
+            .iter()
+            .find(|r| r.kind == RecordKind::Result)
+            .unwrap();
+        InferenceResult::decode(r.value.as_slice()).unwrap()
+    }
+
+    #[test]
+    fn small_frame_goes_inline_with_its_result() {
+        let records = plan(&frame_done(1000), &naming(1 << 20));
+        let kinds: Vec<_> = records.iter().map(|r| r.kind).collect();
+        assert_eq!(kinds, [RecordKind::Frame, RecordKind::Result]);
+        assert!(records.iter().all(|r| r.key == "cam"));
+        let disposition = result_of(&records).frame.unwrap();
+        assert_eq!(disposition.size_policy, "inline");
+        assert_eq!(disposition.topic, "fovea.frames");
+    }
+
+    #[test]
+    fn oversized_frame_is_dead_lettered_and_its_result_kept() {
+        let records = plan(&frame_done(70_000), &naming(65_536));
+        let kinds: Vec<_> = records.iter().map(|r| r.kind).collect();
+        assert_eq!(kinds, [RecordKind::DeadLetter, RecordKind::Result]);
+        let letter = DeadLetter::decode(records[0].value.as_slice()).unwrap();
+        assert_eq!(letter.kind, "record-too-large");
+        assert!(letter.payload_truncated && letter.payload.is_empty());
+        assert_eq!(letter.payload_size, 70_000);
+        assert!(letter.reason.contains("exceeds kafka.record_limit_bytes"));
+        assert!(records.iter().all(|r| r.size() <= 65_536));
+        let disposition = result_of(&records).frame.unwrap();
+        assert_eq!(disposition.size_policy, "dead-letter");
+        assert_eq!(disposition.topic, "fovea.deadletter");
+    }
+
+    #[test]
+    fn rejected_payload_is_kept_when_it_fits() {
+        let done = Done {
+            meta: meta(),
+            verdict: Verdict::Rejected {
+                rejection: Rejection::Empty,
+                payload: Bytes::from_static(b"abc"),
+            },
+        };
+        let records = plan(&done, &naming(1 << 20));
+        assert_eq!(records.len(), 1);
+        let letter = DeadLetter::decode(records[0].value.as_slice()).unwrap();
+        assert_eq!(&letter.payload[..], b"abc");
+        assert_eq!(letter.reason, "empty payload");
+        assert_eq!(letter.source, "mqtt:cameras/cam/frames");
+        let big = Done {
+            meta: meta(),
+            verdict: Verdict::Rejected {
+                rejection: Rejection::Decode("bad".into()),
+                payload: vec![1u8; 100_000].into(),
+            },
+        };
+        let records = plan(&big, &naming(65_536));
+        let letter = DeadLetter::decode(records[0].value.as_slice()).unwrap();
+        assert!(letter.payload_truncated);
+        assert_eq!(letter.payload_size, 100_000);
+    }
+}

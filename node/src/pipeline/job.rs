@@ -1,0 +1,66 @@
+//! What travels between the stages: a [`Job`] from ingress to the workers, a [`Done`] from the
+//! workers (or straight from ingress, for payloads refused at the door) to the outbox.
+
+use crate::ingress::ack::Ack;
+use crate::ingress::payload::Rejection;
+use bytes::Bytes;
+use fovea_proto::v1::{Frame, InferenceResult};
+use std::time::Instant;
+
+/// A frame as it arrived, before anything was decoded.
+#[derive(Debug)]
+pub struct Job {
+    pub meta: JobMeta,
+    pub payload: Bytes,
+}
+
+/// Everything about a frame's journey that every stage needs, whatever became of the frame.
+#[derive(Debug)]
+pub struct JobMeta {
+    /// Camera id from the topic (`_unknown` when the topic named none).
+    pub camera: String,
+    /// Where the payload came from, e.g. `mqtt:cameras/cam-1/frames`.
+    pub source: String,
+    /// Per-camera arrival order in this process: the outbox writes records in this order so that
+    /// a camera's records stay ordered in Kafka even when several workers infer in parallel.
+    pub node_seq: u64,
+    /// Monotonic arrival time, for stage latencies and the staleness policy.
+    pub received: Instant,
+    /// Wall-clock arrival time for the records, milliseconds since the Unix epoch.
+    pub received_at_ms: i64,
+    /// Acknowledges the MQTT publish once every record about the frame is durable.
+    pub ack: Ack,
+    /// When a worker picked the job up (None for jobs that never reached one).
+    pub started: Option<Instant>,
+    /// When inference (or rejection) finished.
+    pub finished: Option<Instant>,
+}
+
+/// What became of a job.
+#[derive(Debug)]
+pub enum Verdict {
+    /// A decodable frame: the frame to store and its inference result (OK, skipped or failed).
+    Frame {
+        frame: Box<Frame>,
+        result: Box<InferenceResult>,
+    },
+    /// A payload that is not a usable frame: dead-lettered with the reason.
+    Rejected {
+        rejection: Rejection,
+        payload: Bytes,
+    },
+}
+
+#[derive(Debug)]
+pub struct Done {
+    pub meta: JobMeta,
+    pub verdict: Verdict,
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

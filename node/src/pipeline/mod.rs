@@ -1,0 +1,131 @@
+//! The data path, wired: ingress -> workers -> outbox, and the orderly way it stops.
+//!
+//! ```text
+//! MQTT --Job--> [bounded queue] --> inference workers (threads) --Done--> outbox --> Kafka
+//!   ^                                                                          |
+//!   +------------------------------ PUBACK once every record is acked <-------+
+//! ```
+//! - `job`: what travels between the stages.
+//! - `routes`: which models run on which camera.
+//! - `workers`: decode + inference, off the async threads.
+//! - `sequencer`: per-camera reordering before the outbox writes.
+
+pub mod job;
+pub mod routes;
+pub mod sequencer;
+pub mod workers;
+
+use crate::config::Config;
+use crate::inference;
+use crate::ingress::mqtt::Ingress;
+use crate::outbox::records::Naming;
+use crate::outbox::{Outbox, producer, topics};
+use crate::stats::Stats;
+use anyhow::Context;
+use routes::Router;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// How long start-up keeps trying to reach the local broker to create topics.
+const TOPIC_SETUP_PATIENCE: Duration = Duration::from_secs(120);
+
+/// Everything loaded and checked before the node takes its first frame.
+pub struct Prepared {
+    pub cfg: Config,
+    pub models: Vec<Arc<inference::Model>>,
+    pub router: Arc<Router>,
+}
+
+/// Loads models and resolves routes; no broker is touched. Used by `run` and by `validate`.
+pub fn prepare(cfg: Config) -> anyhow::Result<Prepared> {
+    let dirs: Vec<_> = cfg.models.iter().map(|m| m.path.clone()).collect();
+    let models = inference::load_models(&dirs).context("loading models")?;
+    let router = Router::new(&cfg.routes, &models)
+        .map_err(|errors| anyhow::anyhow!("{}", errors.join("\n")))?;
+    Ok(Prepared {
+        cfg,
+        models,
+        router: Arc::new(router),
+    })
+}
+
+/// Runs the node until `shutdown` turns true, then drains: frames in flight are finished and
+/// acked, new ones stay un-acked at the MQTT broker. Returns the run's statistics.
+pub async fn run(
+    prepared: Prepared,
+    shutdown: watch::Receiver<bool>,
+    stats: Arc<Stats>,
+) -> anyhow::Result<()> {
+    let Prepared {
+        cfg,
+        models,
+        router,
+    } = prepared;
+    let node_id = cfg.node_id();
+    inference::init_runtime(&cfg.inference.onnxruntime_library)?;
+
+    let k = &cfg.kafka;
+    let names = [
+        k.topics.frames.as_str(),
+        k.topics.results.as_str(),
+        k.topics.deadletter.as_str(),
+    ];
+    topics::ensure(k, &names, TOPIC_SETUP_PATIENCE).await?;
+    let producer = producer::create(k, &format!("fovea-{node_id}"))?;
+
+    let (jobs_tx, jobs_rx) = async_channel::bounded(cfg.inference.queue_capacity);
+    let (done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel();
+    let shared = workers::WorkerShared {
+        node_id: node_id.clone(),
+        router,
+        policy: cfg.inference.when_behind,
+        max_age: Duration::from_millis(cfg.inference.max_frame_age_ms),
+        min_side: cfg.inference.min_image_side,
+        stats: stats.clone(),
+    };
+    let threads = workers::spawn(&cfg.inference, &models, shared, jobs_rx, done_tx.clone())?;
+    log::info!(
+        "node {node_id}: {} worker(s), models: {}",
+        threads.len(),
+        models
+            .iter()
+            .map(|m| format!("{}@{}", m.name, m.version))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+
+    let outbox = Outbox {
+        producer: producer.clone(),
+        naming: Naming {
+            node_id,
+            topics: k.topics.clone(),
+            record_limit: k.record_limit_bytes,
+        },
+        stats: stats.clone(),
+    };
+    let (drained_tx, drained_rx) = watch::channel(false);
+    let outbox_task = tokio::spawn(async move {
+        outbox.run(done_rx).await;
+        let _ = drained_tx.send(true);
+    });
+
+    let ingress = Ingress::new(
+        &cfg.mqtt,
+        &cfg.mqtt_client_id(),
+        jobs_tx,
+        done_tx,
+        stats.clone(),
+    );
+    ingress.run(shutdown, drained_rx).await;
+
+    outbox_task.await.context("outbox task")?;
+    tokio::task::spawn_blocking(move || {
+        for t in threads {
+            let _ = t.join();
+        }
+    })
+    .await?;
+    Outbox::flush(&producer, Duration::from_secs(5));
+    Ok(())
+}

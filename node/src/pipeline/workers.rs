@@ -1,0 +1,232 @@
+//! The inference worker pool: plain OS threads, each with its own ONNX Runtime sessions, pulling
+//! jobs from one bounded queue. Decoding and inference are CPU-bound and would stall the async
+//! I/O threads (MQTT keep-alives, Kafka deliveries), so they never run there.
+//!
+//! A worker turns every job into exactly one [`Done`]: a frame with its result (OK, skipped or
+//! failed) or a rejection. The outbox relies on that to keep each camera's records in order.
+
+use super::job::{Done, Job, Verdict};
+use super::routes::Router;
+use crate::config::{InferenceConfig, WhenBehind};
+use crate::inference::{Engine, Model};
+use crate::ingress::payload::{self, Rejection};
+use crate::stats::{Stage, Stats};
+use fovea_proto::v1::{FrameDisposition, InferenceResult, inference_result::Status};
+use image::{DynamicImage, ImageFormat, ImageReader};
+use std::io::Cursor;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc::UnboundedSender;
+
+/// What every worker needs besides its own sessions.
+#[derive(Clone)]
+pub struct WorkerShared {
+    pub node_id: String,
+    pub router: Arc<Router>,
+    pub policy: WhenBehind,
+    pub max_age: Duration,
+    pub min_side: u32,
+    pub stats: Arc<Stats>,
+}
+
+/// Starts `cfg.workers` threads. Sessions are created before this returns, so a model that does
+/// not load fails start-up instead of the first frame. The threads end when `jobs` is closed and
+/// drained.
+pub fn spawn(
+    cfg: &InferenceConfig,
+    models: &[Arc<Model>],
+    shared: WorkerShared,
+    jobs: async_channel::Receiver<Job>,
+    done: UnboundedSender<Done>,
+) -> anyhow::Result<Vec<JoinHandle<()>>> {
+    let mut handles = Vec::with_capacity(cfg.workers);
+    for i in 0..cfg.workers {
+        let mut engine = Engine::new(models, cfg.intra_threads)?;
+        let (shared, jobs, done) = (shared.clone(), jobs.clone(), done.clone());
+        let handle = std::thread::Builder::new()
+            .name(format!("fovea-infer-{i}"))
+            .spawn(move || {
+                while let Ok(job) = jobs.recv_blocking() {
+                    let finished = process(&shared, &mut engine, job);
+                    if done.send(finished).is_err() {
+                        break; // the outbox is gone: shutting down
+                    }
+                }
+            })?;
+        handles.push(handle);
+    }
+    Ok(handles)
+}
+
+/// Decodes, checks and infers one job.
+pub fn process(shared: &WorkerShared, engine: &mut Engine, job: Job) -> Done {
+    let Job { mut meta, payload } = job;
+    let started = Instant::now();
+    meta.started = Some(started);
+    shared
+        .stats
+        .record(Stage::Queue, started.duration_since(meta.received));
+    let verdict = match payload::parse(&meta.camera, payload.clone()) {
+        Err(rejection) => Verdict::Rejected { rejection, payload },
+        Ok(mut frame) => {
+            let stale = shared.policy == WhenBehind::SkipStale
+                && started.duration_since(meta.received) > shared.max_age;
+            let decoded = if stale {
+                Ok(None)
+            } else {
+                decode(&frame.data, &frame.content_type, shared.min_side).map(Some)
+            };
+            match decoded {
+                Err(rejection) => Verdict::Rejected { rejection, payload },
+                Ok(image) => {
+                    frame.node_id = shared.node_id.clone();
+                    frame.received_at_ms = meta.received_at_ms;
+                    frame.record_id = payload::record_id(
+                        &shared.node_id,
+                        &meta.camera,
+                        &payload::frame_id(&frame),
+                    );
+                    if let Some(img) = &image {
+                        frame.width = img.width();
+                        frame.height = img.height();
+                    }
+                    let mut result = base_result(&frame, meta.node_seq);
+                    match image {
+                        None => {
+                            Stats::incr(&shared.stats.skipped_stale);
+                            result.status = Status::SkippedStale as i32;
+                            result.status_detail = format!(
+                                "frame was {} ms old when a worker took it (max_frame_age_ms = {})",
+                                started.duration_since(meta.received).as_millis(),
+                                shared.max_age.as_millis()
+                            );
+                        }
+                        Some(img) => infer(shared, engine, &meta.camera, &img, &mut result),
+                    }
+                    Verdict::Frame {
+                        frame: Box::new(frame),
+                        result: Box::new(result),
+                    }
+                }
+            }
+        }
+    };
+    let finished = Instant::now();
+    meta.finished = Some(finished);
+    shared
+        .stats
+        .record(Stage::Inference, finished.duration_since(started));
+    Done { meta, verdict }
+}
+
+fn infer(
+    shared: &WorkerShared,
+    engine: &mut Engine,
+    camera: &str,
+    image: &DynamicImage,
+    result: &mut InferenceResult,
+) {
+    let models = shared.router.models_for(camera);
+    if models.is_empty() {
+        result.status = Status::NoModel as i32;
+        result.status_detail = format!("no route runs a model on camera {camera:?}");
+        return;
+    }
+    let mut failures = Vec::new();
+    for model in models {
+        match engine.run(&model.name, image) {
+            Ok(output) => result.outputs.push(output),
+            Err(e) => failures.push(format!("{}: {e}", model.name)),
+        }
+    }
+    if failures.is_empty() {
+        result.status = Status::Ok as i32;
+    } else {
+        log::warn!(
+            "inference failed on {}: {}",
+            result.record_id,
+            failures.join("; ")
+        );
+        result.status = Status::Failed as i32;
+        result.status_detail = failures.join("; ");
+    }
+}
+
+/// Decodes an image, refusing decompression bombs (the `image` crate's default allocation limit)
+/// and images too small to mean anything.
+pub fn decode(data: &[u8], content_type: &str, min_side: u32) -> Result<DynamicImage, Rejection> {
+    let format = if content_type == payload::PNG {
+        ImageFormat::Png
+    } else {
+        ImageFormat::Jpeg
+    };
+    let image = ImageReader::with_format(Cursor::new(data), format)
+        .decode()
+        .map_err(|e| Rejection::Decode(e.to_string()))?;
+    let (width, height) = (image.width(), image.height());
+    if width < min_side || height < min_side {
+        return Err(Rejection::TooSmall {
+            width,
+            height,
+            min: min_side,
+        });
+    }
+    Ok(image)
+}
+
+fn base_result(frame: &fovea_proto::v1::Frame, node_seq: u64) -> InferenceResult {
+    InferenceResult {
+        record_id: frame.record_id.clone(),
+        node_id: frame.node_id.clone(),
+        camera_id: frame.camera_id.clone(),
+        camera_sequence: frame.sequence,
+        captured_at_ms: frame.captured_at_ms,
+        received_at_ms: frame.received_at_ms,
+        image_width: frame.width,
+        image_height: frame.height,
+        content_type: frame.content_type.clone(),
+        node_sequence: node_seq,
+        metadata: frame.metadata.clone(),
+        frame: Some(FrameDisposition {
+            size_bytes: frame.data.len() as u64,
+            ..FrameDisposition::default()
+        }),
+        ..InferenceResult::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn png(width: u32, height: u32) -> Vec<u8> {
+        let img = DynamicImage::new_rgb8(width, height);
+        let mut out = Vec::new();
+        img.write_to(&mut Cursor::new(&mut out), ImageFormat::Png)
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn decode_checks_size_and_corruption() {
+        assert!(decode(&png(32, 20), payload::PNG, 16).is_ok());
+        let small = decode(&png(1, 1), payload::PNG, 16).unwrap_err();
+        assert_eq!(small.kind(), "too-small");
+        assert_eq!(
+            small.to_string(),
+            "image is 1x1 pixels; the minimum is 16x16"
+        );
+        let mut truncated = png(64, 64);
+        truncated.truncate(truncated.len() / 2);
+        assert_eq!(
+            decode(&truncated, payload::PNG, 16).unwrap_err().kind(),
+            "decode-failed"
+        );
+        let corrupt_jpeg = [0xFF, 0xD8, 0xFF, 0xE0, 1, 2, 3, 4, 5];
+        assert_eq!(
+            decode(&corrupt_jpeg, payload::JPEG, 16).unwrap_err().kind(),
+            "decode-failed"
+        );
+    }
+}

@@ -1,0 +1,234 @@
+//! `fovea bench`: how fast is the main path on this machine, and how close to the limit?
+//!
+//! 1. The limit: the workers alone (same models, workers and intra-op threads as the config)
+//!    running decode + preprocess + ONNX Runtime on the benchmark frames, no I/O.
+//! 2. End to end: the real node in this process, frames published over MQTT QoS 1 to the
+//!    configured broker, until every frame's records are acked by the local Kafka broker.
+//!
+//! Prints frames/s for both, their ratio, per-stage latency p50/p99, and peak RSS.
+
+use crate::config::Config;
+use crate::inference::{self, Engine};
+use crate::pipeline::{self, workers};
+use crate::stats::{STAGES, Stats};
+use crate::tools::camera::{read_images, split_host_port};
+use anyhow::Context;
+use bytes::Bytes;
+use clap::Args;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use std::io::Cursor;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Config of the node under test (its brokers must be running).
+    #[arg(long, short)]
+    pub config: PathBuf,
+    /// Photos to turn into benchmark frames.
+    #[arg(long)]
+    pub images: PathBuf,
+    /// Frames to send end to end.
+    #[arg(long, default_value_t = 400)]
+    pub frames: u64,
+    /// Simulated cameras the frames are spread over.
+    #[arg(long, default_value_t = 4)]
+    pub cameras: usize,
+    /// Frame size (WIDTHxHEIGHT) and JPEG quality.
+    #[arg(long, default_value = "640x480")]
+    pub size: String,
+    #[arg(long, default_value_t = 85)]
+    pub quality: u8,
+}
+
+pub async fn run(args: BenchArgs, cfg: Config) -> anyhow::Result<()> {
+    let (w, h) = args
+        .size
+        .split_once('x')
+        .and_then(|(w, h)| Some((w.parse::<u32>().ok()?, h.parse::<u32>().ok()?)))
+        .context("--size must be WIDTHxHEIGHT")?;
+    let frames = make_frames(&args, w, h)?;
+    let avg_kb = frames.iter().map(Bytes::len).sum::<usize>() as f64 / frames.len() as f64 / 1024.0;
+    let prepared = pipeline::prepare(cfg.clone())?;
+    inference::init_runtime(&cfg.inference.onnxruntime_library)?;
+    println!(
+        "fovea bench: {} frames {w}x{h} JPEG (q{}, avg {avg_kb:.0} KiB), {} camera(s), models [{}], {} worker(s) x {} intra-op thread(s)",
+        args.frames,
+        args.quality,
+        args.cameras,
+        cfg.routes
+            .first()
+            .map(|r| r.models.join(", "))
+            .unwrap_or_default(),
+        cfg.inference.workers,
+        cfg.inference.intra_threads
+    );
+
+    let limit_fps = limit(&prepared, &cfg, &frames, args.frames.min(200))?;
+    let (e2e_fps, stats) = end_to_end(prepared, &cfg, &args, &frames).await?;
+
+    println!(
+        "inference only (decode+preprocess+ONNX, {} worker(s)): {limit_fps:8.1} frames/s",
+        cfg.inference.workers
+    );
+    println!("end to end (MQTT publish -> local Kafka ack):     {e2e_fps:8.1} frames/s");
+    println!(
+        "ratio end-to-end / inference-only:                {:8.2}",
+        e2e_fps / limit_fps
+    );
+    println!("per-stage latency:      p50 ms    p99 ms");
+    for stage in STAGES {
+        let q = |p| {
+            stats
+                .quantile(stage, p)
+                .map(|d| d.as_secs_f64() * 1000.0)
+                .unwrap_or(f64::NAN)
+        };
+        println!("  {:<12} {:>10.1} {:>9.1}", stage.name(), q(0.5), q(0.99));
+    }
+    println!(
+        "records acked: {} results, {} frames, {} dead letters",
+        Stats::get(&stats.results_out),
+        Stats::get(&stats.frames_out),
+        Stats::get(&stats.dead_letters)
+    );
+    println!("peak RSS: {:.1} MiB", peak_rss_kib()? as f64 / 1024.0);
+    Ok(())
+}
+
+/// The benchmark frames: the photos resized to the frame size and JPEG-encoded.
+fn make_frames(args: &BenchArgs, w: u32, h: u32) -> anyhow::Result<Vec<Bytes>> {
+    read_images(&args.images)?
+        .into_iter()
+        .map(|(name, data)| {
+            let img = image::load_from_memory(&data).with_context(|| name.clone())?;
+            let rgb = img
+                .resize_exact(w, h, image::imageops::FilterType::Triangle)
+                .to_rgb8();
+            let mut out = Vec::new();
+            image::codecs::jpeg::JpegEncoder::new_with_quality(
+                &mut Cursor::new(&mut out),
+                args.quality,
+            )
+            .encode_image(&rgb)?;
+            Ok(Bytes::from(out))
+        })
+        .collect()
+}
+
+/// Frames/s of `workers` threads doing what a worker does, without MQTT or Kafka.
+fn limit(
+    prepared: &pipeline::Prepared,
+    cfg: &Config,
+    frames: &[Bytes],
+    n: u64,
+) -> anyhow::Result<f64> {
+    let workers_n = cfg.inference.workers as u64;
+    let per_worker = n.div_ceil(workers_n);
+    let mut engines = Vec::new();
+    for _ in 0..workers_n {
+        engines.push(Engine::new(&prepared.models, cfg.inference.intra_threads)?);
+    }
+    let models = prepared.router.models_for("cam-1").to_vec();
+    // Warm-up: the first run of a session allocates.
+    for engine in &mut engines {
+        let img = workers::decode(&frames[0], "image/jpeg", 1)?;
+        for m in &models {
+            engine.run(&m.name, &img)?;
+        }
+    }
+    let started = Instant::now();
+    std::thread::scope(|s| -> anyhow::Result<()> {
+        let handles: Vec<_> = engines
+            .iter_mut()
+            .map(|engine| {
+                let models = &models;
+                s.spawn(move || -> anyhow::Result<()> {
+                    for i in 0..per_worker {
+                        let img =
+                            workers::decode(&frames[i as usize % frames.len()], "image/jpeg", 1)?;
+                        for m in models {
+                            engine.run(&m.name, &img)?;
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join()
+                .map_err(|_| anyhow::anyhow!("bench worker panicked"))??;
+        }
+        Ok(())
+    })?;
+    Ok((per_worker * workers_n) as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn end_to_end(
+    prepared: pipeline::Prepared,
+    cfg: &Config,
+    args: &BenchArgs,
+    frames: &[Bytes],
+) -> anyhow::Result<(f64, Arc<Stats>)> {
+    let stats = Arc::new(Stats::default());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let node = tokio::spawn(pipeline::run(prepared, stop_rx, stats.clone()));
+
+    let (host, port) = split_host_port(&format!("{}:{}", cfg.mqtt.host, cfg.mqtt.port))?;
+    let mut opts = MqttOptions::new(format!("fovea-bench-{}", std::process::id()), host, port);
+    opts.set_max_packet_size(268_435_455, 268_435_455)
+        .set_inflight(100);
+    let (client, mut events) = AsyncClient::new(opts, 100);
+    let poller = tokio::spawn(async move {
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::Disconnect)) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    });
+    // Let the node connect and subscribe before the clock starts.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let started = Instant::now();
+    for i in 0..args.frames {
+        let camera = format!("bench-{}", i as usize % args.cameras + 1);
+        let frame = frames[i as usize % frames.len()].clone();
+        client
+            .publish_bytes(
+                format!("cameras/{camera}/frames"),
+                QoS::AtLeastOnce,
+                false,
+                frame,
+            )
+            .await?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while stats.acked.load(Ordering::Relaxed) < args.frames {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "timed out: {} of {} acked",
+            Stats::get(&stats.acked),
+            args.frames
+        );
+        anyhow::ensure!(!node.is_finished(), "the node stopped during the benchmark");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let fps = args.frames as f64 / started.elapsed().as_secs_f64();
+    let _ = client.disconnect().await;
+    poller.abort();
+    let _ = stop_tx.send(true);
+    node.await??;
+    Ok((fps, stats))
+}
+
+/// Peak resident set size of this process (VmHWM), KiB.
+pub fn peak_rss_kib() -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("VmHWM not found in /proc/self/status")
+}

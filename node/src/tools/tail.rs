@@ -1,0 +1,183 @@
+//! `fovea tail`: reads fovea's topics from a Kafka cluster and prints each record decoded, one
+//! line per record. Uses partition assignment (no consumer group), so it never disturbs the
+//! offsets of real consumers.
+
+use anyhow::Context;
+use clap::Args;
+use fovea_proto::headers as h;
+use fovea_proto::v1::{DeadLetter, Frame, InferenceResult, ModelOutput};
+use prost::Message as _;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Args)]
+pub struct TailArgs {
+    /// Kafka bootstrap servers.
+    #[arg(long, default_value = "127.0.0.1:9092")]
+    pub brokers: String,
+    /// Topics to read (repeat the flag for several).
+    #[arg(long = "topic", default_values_t = vec!["fovea.results".to_string()])]
+    pub topics: Vec<String>,
+    /// Start at the beginning of each partition instead of the end.
+    #[arg(long)]
+    pub from_beginning: bool,
+    /// Stop after this many records.
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Stop when no record arrived for this many seconds.
+    #[arg(long)]
+    pub idle_exit: Option<f64>,
+}
+
+pub fn run(args: TailArgs) -> anyhow::Result<()> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &args.brokers)
+        .set("group.id", "fovea-tail")
+        .set("enable.auto.commit", "false")
+        .set("fetch.message.max.bytes", "67108864")
+        .set("log.connection.close", "false")
+        .create()?;
+    let mut assignment = TopicPartitionList::new();
+    for topic in &args.topics {
+        let md = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .with_context(|| format!("metadata for {topic}"))?;
+        let partitions = md
+            .topics()
+            .first()
+            .map(|t| t.partitions().len())
+            .unwrap_or(0);
+        anyhow::ensure!(
+            partitions > 0,
+            "topic {topic} does not exist on {}",
+            args.brokers
+        );
+        let start = if args.from_beginning {
+            Offset::Beginning
+        } else {
+            Offset::End
+        };
+        for p in 0..partitions as i32 {
+            assignment.add_partition_offset(topic, p, start)?;
+        }
+    }
+    consumer.assign(&assignment)?;
+    let mut seen = 0u64;
+    let mut last = Instant::now();
+    loop {
+        if args.count.is_some_and(|c| seen >= c) {
+            return Ok(());
+        }
+        if args
+            .idle_exit
+            .is_some_and(|s| last.elapsed().as_secs_f64() > s)
+        {
+            return Ok(());
+        }
+        match consumer.poll(Duration::from_millis(200)) {
+            None => {}
+            Some(Err(e)) => log::warn!("tail: {e}"),
+            Some(Ok(msg)) => {
+                seen += 1;
+                last = Instant::now();
+                let schema = header(&msg, h::SCHEMA).unwrap_or_default();
+                println!(
+                    "{} {}",
+                    msg.topic(),
+                    describe(&schema, msg.payload().unwrap_or_default())
+                );
+            }
+        }
+    }
+}
+
+/// Value of a header on a Kafka message.
+pub fn header<M: Message>(msg: &M, name: &str) -> Option<String> {
+    let headers = msg.headers()?;
+    headers
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+/// One line describing a fovea record, by its schema header.
+pub fn describe(schema: &str, value: &[u8]) -> String {
+    match schema {
+        h::SCHEMA_RESULT => match InferenceResult::decode(value) {
+            Ok(r) => describe_result(&r),
+            Err(e) => format!("undecodable result: {e}"),
+        },
+        h::SCHEMA_FRAME => match Frame::decode(value) {
+            Ok(f) => format!(
+                "{} {} {} {}x{} {} bytes",
+                f.camera_id,
+                f.record_id,
+                f.content_type,
+                f.width,
+                f.height,
+                f.data.len()
+            ),
+            Err(e) => format!("undecodable frame: {e}"),
+        },
+        h::SCHEMA_DEAD_LETTER => match DeadLetter::decode(value) {
+            Ok(d) => format!(
+                "{} {} [{}] {} ({} bytes from {})",
+                d.camera_id, d.record_id, d.kind, d.reason, d.payload_size, d.source
+            ),
+            Err(e) => format!("undecodable dead letter: {e}"),
+        },
+        other => format!(
+            "record with unknown schema {other:?}, {} bytes",
+            value.len()
+        ),
+    }
+}
+
+fn describe_result(r: &InferenceResult) -> String {
+    let status = r.status().as_str_name();
+    let mut line = format!("{} {} {status}", r.camera_id, r.record_id);
+    if !r.status_detail.is_empty() {
+        line += &format!(" ({})", r.status_detail);
+    }
+    for o in &r.outputs {
+        line += &format!(" | {}", describe_output(o));
+    }
+    if let Some(f) = &r.frame {
+        line += &format!(" | frame: {} via {}", f.size_policy, f.topic);
+    }
+    line
+}
+
+fn describe_output(o: &ModelOutput) -> String {
+    let items: Vec<String> = if o.detections.is_empty() {
+        o.classifications
+            .iter()
+            .take(3)
+            .map(|c| format!("{} {:.2}", c.label, c.score))
+            .collect()
+    } else {
+        o.detections
+            .iter()
+            .map(|d| {
+                format!(
+                    "{} {:.2} [{:.0},{:.0},{:.0},{:.0}]",
+                    d.label, d.score, d.x0, d.y0, d.x1, d.y1
+                )
+            })
+            .collect()
+    };
+    format!(
+        "{}@{} {:.1} ms: {}",
+        o.model,
+        o.model_version,
+        o.inference_us as f64 / 1000.0,
+        if items.is_empty() {
+            "nothing".to_string()
+        } else {
+            items.join(", ")
+        }
+    )
+}
