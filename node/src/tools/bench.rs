@@ -41,6 +41,10 @@ pub struct BenchArgs {
     pub size: String,
     #[arg(long, default_value_t = 85)]
     pub quality: u8,
+    /// Publish rate in frames/s; 0 = as fast as the broker takes them (measures throughput;
+    /// a rate below the limit measures latency without a queue).
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
 }
 
 pub async fn run(args: BenchArgs, cfg: Config) -> anyhow::Result<()> {
@@ -54,9 +58,14 @@ pub async fn run(args: BenchArgs, cfg: Config) -> anyhow::Result<()> {
     let prepared = pipeline::prepare(cfg.clone())?;
     inference::init_runtime(&cfg.inference.onnxruntime_library)?;
     println!(
-        "fovea bench: {} frames {w}x{h} JPEG (q{}, avg {avg_kb:.0} KiB), {} camera(s), models [{}], {} worker(s) x {} intra-op thread(s)",
+        "fovea bench: {} frames {w}x{h} JPEG (q{}, avg {avg_kb:.0} KiB) at {}, {} camera(s), models [{}], {} worker(s) x {} intra-op thread(s)",
         args.frames,
         args.quality,
+        if args.rate > 0.0 {
+            format!("{} frames/s", args.rate)
+        } else {
+            "full speed".into()
+        },
         args.cameras,
         cfg.routes
             .first()
@@ -74,6 +83,12 @@ pub async fn run(args: BenchArgs, cfg: Config) -> anyhow::Result<()> {
         cfg.inference.workers
     );
     println!("end to end (MQTT publish -> local Kafka ack):     {e2e_fps:8.1} frames/s");
+    if args.rate > 0.0 {
+        println!(
+            "  (paced at {} frames/s: end-to-end rate is the offered load, not the limit)",
+            args.rate
+        );
+    }
     println!(
         "ratio end-to-end / inference-only:                {:8.2}",
         e2e_fps / limit_fps
@@ -192,7 +207,13 @@ async fn end_to_end(
     // Let the node connect and subscribe before the clock starts.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let started = Instant::now();
+    let period = if args.rate > 0.0 {
+        Duration::from_secs_f64(1.0 / args.rate)
+    } else {
+        Duration::ZERO
+    };
     for i in 0..args.frames {
+        tokio::time::sleep_until((started + period.mul_f64(i as f64)).into()).await;
         let camera = format!("bench-{}", i as usize % args.cameras + 1);
         let frame = frames[i as usize % frames.len()].clone();
         client

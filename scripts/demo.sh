@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The demo: fovea's main job end to end on this machine.
+# Installs what is missing, starts mosquitto and the local Kafka broker on loopback, runs the
+# fovea node, publishes the photos in ../shared/images as two simulated cameras (1 frame/s each),
+# and prints every result the node writes to Kafka, live, until Ctrl-C.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+scripts/install-deps.sh
+# shellcheck source=scripts/env.sh
+source scripts/env.sh
+scripts/services.sh start mqtt edge
+
+echo "== building fovea"
+cargo build --release -p fovea
+fovea="$root/target/release/fovea"
+
+images="${FOVEA_DEMO_IMAGES:-$root/../shared/images}"
+run="$FOVEA_RUN_DIR/demo"
+mkdir -p "$run"
+cat > "$run/fovea.toml" <<TOML
+# Written by scripts/demo.sh. See \`fovea default-config\` for every setting.
+[node]
+id = "demo"
+state_dir = "$run/state"
+
+[mqtt]
+port = $FOVEA_MQTT_PORT
+
+[kafka]
+brokers = "127.0.0.1:$FOVEA_EDGE_KAFKA_PORT"
+
+[inference]
+onnxruntime_library = "$ORT_DYLIB_PATH"
+
+[[models]]
+path = "$root/models/efficientnet-lite0"
+
+[[models]]
+path = "$root/models/ssdlite-person"
+
+[[routes]]
+cameras = "*"
+models = ["efficientnet-lite0", "ssdlite-person"]
+TOML
+"$fovea" validate "$run/fovea.toml"
+
+pids=()
+cleanup() {
+  trap - INT TERM EXIT
+  echo
+  echo "== stopping the node (SIGTERM: it drains what is in flight)"
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  echo "node log: $run/fovea.log"
+  echo "brokers still running; stop them with: scripts/services.sh stop"
+}
+trap cleanup INT TERM EXIT
+
+"$fovea" run --config "$run/fovea.toml" >"$run/fovea.log" 2>&1 &
+pids+=($!)
+# Wait for the node to subscribe before cameras publish.
+for _ in $(seq 1 300); do
+  grep -q "mqtt subscribed" "$run/fovea.log" 2>/dev/null && break
+  if ! kill -0 "${pids[0]}" 2>/dev/null; then cat "$run/fovea.log"; exit 1; fi
+  sleep 0.2
+done
+echo "== node running (log: $run/fovea.log); results from fovea.results:"
+"$fovea" tail --brokers "127.0.0.1:$FOVEA_EDGE_KAFKA_PORT" --topic fovea.results --topic fovea.deadletter &
+pids+=($!)
+"$fovea" camera --mqtt "127.0.0.1:$FOVEA_MQTT_PORT" --images "$images" --cameras 2 --fps 1 --forever --quiet &
+pids+=($!)
+wait "${pids[0]}"

@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# Install everything fovea's build, tests and demo need, on a brand-new Debian 12
+# machine or an already prepared one. Idempotent: a warm run only checks (< 5 s).
+# Slow things (nisshi build ~15 min, ONNX Runtime wheel) are cached under
+# ${FOVEA_CACHE:-$HOME/.cache/fovea}; see scripts/env.sh for the resulting paths.
+set -euo pipefail
+
+CACHE="${FOVEA_CACHE:-$HOME/.cache/fovea}"
+NISSHI_VERSION=0.8.1
+ORT_VERSION=1.31.1
+NISSHI_ROOT="$CACHE/nisshi"
+NISSHI_BIN="$NISSHI_ROOT/bin/nisshi"
+ORT_SO="$CACHE/onnxruntime/$ORT_VERSION/libonnxruntime.so.$ORT_VERSION"
+DEB_PACKAGES=(mosquitto mosquitto-clients libssl-dev pkg-config curl)
+# Matches a `cargo [+toolchain] install ... nisshi` process (argv0 must be cargo,
+# so a shell whose command line merely mentions it does not count).
+NISSHI_BUILD_PATTERN='^([^ ]*/)?cargo( [^ ]+)* install( [^ ]+)* nisshi( |$)'
+
+log() { printf '[install-deps] %s\n' "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+# A fresh login may not have rustup's bin dir on PATH yet.
+if ! command -v rustup >/dev/null 2>&1 && [[ -f "$HOME/.cargo/env" ]]; then
+  # shellcheck source=/dev/null
+  . "$HOME/.cargo/env"
+fi
+
+SUDO=()
+if [[ $EUID -ne 0 ]]; then SUDO=(sudo); fi
+
+mkdir -p "$CACHE"
+# Two concurrent runs must not both start a 15-minute build.
+exec 9>"$CACHE/.install-deps.lock"
+flock 9
+
+# ---------------------------------------------------------------- Debian
+deb_installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
+
+install_debs() {
+  local missing=() p
+  for p in "$@"; do deb_installed "$p" || missing+=("$p"); done
+  [[ ${#missing[@]} -eq 0 ]] && return 0
+  log "apt-get install ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  "${SUDO[@]}" apt-get update -qq
+  # Big installs here sometimes fail once with "cannot stat ... .deb"; a second try works.
+  if ! "${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"; then
+    log "apt-get install failed; retrying once"
+    "${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  fi
+}
+
+mosquitto_was_installed=0
+deb_installed mosquitto && mosquitto_was_installed=1
+install_debs "${DEB_PACKAGES[@]}"
+
+# The demo runs its own mosquitto on a loopback port; a system service on 1883
+# would be an open broker nobody asked for.
+if [[ $mosquitto_was_installed -eq 0 ]]; then
+  if [[ -d /run/systemd/system ]] && command -v systemctl >/dev/null 2>&1; then
+    "${SUDO[@]}" systemctl disable --now mosquitto.service >/dev/null 2>&1 || true
+  elif [[ -f /run/mosquitto/mosquitto.pid ]] && kill -0 "$(cat /run/mosquitto/mosquitto.pid)" 2>/dev/null; then
+    "${SUDO[@]}" service mosquitto stop >/dev/null 2>&1 || "${SUDO[@]}" kill "$(cat /run/mosquitto/mosquitto.pid)" || true
+  fi
+fi
+
+# ---------------------------------------------------------------- Rust
+rustup component add rustfmt clippy >/dev/null 2>&1 \
+  || rustup component add rustfmt clippy # again, loudly, to show the error
+
+# ---------------------------------------------------------------- nisshi
+nisshi_ok() {
+  [[ -x "$NISSHI_BIN" ]] && { "$NISSHI_BIN" --version >/dev/null 2>&1 || "$NISSHI_BIN" --help >/dev/null 2>&1; }
+}
+
+if ! nisshi_ok; then
+  # Someone (another run, or a hand-started build) may already be building it.
+  if pgrep -f "$NISSHI_BUILD_PATTERN" >/dev/null; then
+    log "a 'cargo install nisshi' is already running; waiting for it (log: $CACHE/nisshi-build.log)"
+    while pgrep -f "$NISSHI_BUILD_PATTERN" >/dev/null; do sleep 10; done
+  fi
+fi
+
+if ! nisshi_ok; then
+  if ! rustup run nightly rustc --version >/dev/null 2>&1; then
+    # nisshi 0.8.1 needs rustc >= 1.96, newer than stable here.
+    log "installing the nightly toolchain"
+    rustup toolchain install nightly --profile minimal
+  fi
+  build_log="$CACHE/nisshi-build.log"
+  log "building nisshi $NISSHI_VERSION (about 15 minutes on 2 cores; log: $build_log)"
+  # A target dir in the cache lets an interrupted build resume; removed after success (~1.8 GB).
+  if ! cargo +nightly install nisshi --version "$NISSHI_VERSION" --locked --features libsql \
+    --root "$NISSHI_ROOT" --target-dir "$CACHE/nisshi-target" >"$build_log" 2>&1; then
+    tail -n 40 "$build_log" >&2
+    die "nisshi build failed (full log: $build_log)"
+  fi
+  rm -rf "$CACHE/nisshi-target"
+  nisshi_ok || die "nisshi built but $NISSHI_BIN does not run"
+fi
+
+# ---------------------------------------------------------------- ONNX Runtime
+if [[ ! -s "$ORT_SO" ]]; then
+  if ! command -v python3 >/dev/null 2>&1 || ! python3 -m pip --version >/dev/null 2>&1; then
+    install_debs python3 python3-pip
+  fi
+  arch="$(uname -m)"
+  wheel_dir="$CACHE/ort"
+  mkdir -p "$wheel_dir"
+  shopt -s nullglob
+  wheels=("$wheel_dir"/onnxruntime-"$ORT_VERSION"-*manylinux*"$arch".whl)
+  if [[ ${#wheels[@]} -eq 0 ]]; then
+    log "downloading the onnxruntime $ORT_VERSION wheel"
+    tmp="$(mktemp -d)"
+    # Fixed interpreter tag and platform: any local python's pip then fetches the
+    # same wheel (only cp311 manylinux_2_28 is needed; we use the .so, not the module).
+    python3 -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+      --python-version 3.11 --platform "manylinux_2_28_$arch" "onnxruntime==$ORT_VERSION" -d "$tmp"
+    mv "$tmp"/onnxruntime-*.whl "$wheel_dir/"
+    rm -rf "$tmp"
+    wheels=("$wheel_dir"/onnxruntime-"$ORT_VERSION"-*manylinux*"$arch".whl)
+  fi
+  shopt -u nullglob
+  [[ ${#wheels[@]} -gt 0 ]] || die "no onnxruntime $ORT_VERSION wheel for $arch in $wheel_dir"
+  mkdir -p "$(dirname "$ORT_SO")"
+  # Extract next to the target, then rename: a half-written .so never looks installed.
+  python3 - "${wheels[0]}" "$ORT_SO" <<'PY'
+import os, shutil, sys, zipfile
+wheel, dest = sys.argv[1], sys.argv[2]
+member = "onnxruntime/capi/" + os.path.basename(dest)
+with zipfile.ZipFile(wheel) as z, z.open(member) as src, open(dest + ".tmp", "wb") as out:
+    shutil.copyfileobj(src, out)
+os.chmod(dest + ".tmp", 0o755)
+os.replace(dest + ".tmp", dest)
+PY
+fi
+
+# ---------------------------------------------------------------- done
+mosquitto_bin="$(command -v mosquitto || echo /usr/sbin/mosquitto)"
+[[ -x "$mosquitto_bin" ]] || die "mosquitto not found at $mosquitto_bin"
+printf 'FOVEA_NISSHI_BIN=%s\nORT_DYLIB_PATH=%s\nFOVEA_MOSQUITTO_BIN=%s\n' \
+  "$NISSHI_BIN" "$ORT_SO" "$mosquitto_bin"

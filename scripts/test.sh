@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The test command (README, CI): install/check dependencies, then format check,
+# clippy with warnings as errors, and the whole workspace's tests.
+# Tests start their own brokers on ephemeral ports from FOVEA_NISSHI_BIN,
+# FOVEA_MOSQUITTO_BIN and ORT_DYLIB_PATH, so no demo services are started here.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+# A fresh login may not have rustup's bin dir on PATH yet.
+if ! command -v cargo >/dev/null 2>&1 && [[ -f "$HOME/.cargo/env" ]]; then
+  # shellcheck source=/dev/null
+  . "$HOME/.cargo/env"
+fi
+
+step() { printf '\n==== %s\n' "$*"; }
+
+step "scripts/install-deps.sh"
+bash scripts/install-deps.sh
+
+# shellcheck source=scripts/env.sh
+. scripts/env.sh
+
+# CI logs are plain text.
+if [[ "${CI:-}" == "true" ]]; then
+  export CARGO_TERM_COLOR=never
+fi
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "cargo test"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace 2>&1 | tee "$log" || status=$?
+# One closing line for the whole run (cargo prints one per test binary, the last often a
+# doc-test run with nothing in it).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1); if ($(i) ~ /^ignored;?$/) s += $(i-1) } }
+     END { printf "\n%d passed, %d failed, %d skipped\n", p, f, s }' "$log"
+exit "$status"
