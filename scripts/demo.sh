@@ -69,6 +69,6 @@ done
 echo "== node running (log: $run/fovea.log); results from fovea.results:"
 "$fovea" tail --brokers "127.0.0.1:$FOVEA_EDGE_KAFKA_PORT" --topic fovea.results --topic fovea.deadletter &
 pids+=($!)
-"$fovea" camera --mqtt "127.0.0.1:$FOVEA_MQTT_PORT" --images "$images" --cameras 2 --fps 1 --forever --quiet &
+"$fovea" camera --mqtt "127.0.0.1:$FOVEA_MQTT_PORT" --images "$images" --cameras 2 --fps 1 --forever --envelope --quiet &
 pids+=($!)
 wait "${pids[0]}"
