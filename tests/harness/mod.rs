@@ -5,7 +5,7 @@
 #![allow(dead_code)]
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::message::OwnedMessage;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use std::io::Read;
@@ -251,15 +251,8 @@ impl Kafka {
     }
 }
 
-/// Value of a header on a Kafka record.
-pub fn header(msg: &OwnedMessage, name: &str) -> Option<String> {
-    let headers = msg.headers()?;
-    headers
-        .iter()
-        .find(|h| h.key == name)
-        .and_then(|h| h.value)
-        .map(|v| String::from_utf8_lossy(v).into_owned())
-}
+#[allow(unused_imports)] // not every test binary reads headers
+pub use fovea::tools::tail::header;
 
 /// The fovea node under test.
 pub struct Node {

@@ -78,15 +78,16 @@ fn plan_frame(frame: &Frame, result: &InferenceResult, naming: &Naming) -> Vec<R
         topic: naming.topics.frames.clone(),
         key: frame.camera_id.clone(),
         value: frame.encode_to_vec(),
-        headers: vec![
-            (h::CONTENT_TYPE, h::CONTENT_TYPE_PROTOBUF.into()),
-            (h::SCHEMA, h::SCHEMA_FRAME.into()),
-            (h::RECORD_ID, frame.record_id.clone()),
-            (h::NODE, frame.node_id.clone()),
-            (h::CAMERA, frame.camera_id.clone()),
-            (h::IMAGE_TYPE, frame.content_type.clone()),
-            (h::SIZE_POLICY, "inline".into()),
-        ],
+        headers: headers(
+            h::SCHEMA_FRAME,
+            &frame.record_id,
+            &frame.node_id,
+            &frame.camera_id,
+            [
+                (h::IMAGE_TYPE, frame.content_type.clone()),
+                (h::SIZE_POLICY, "inline".into()),
+            ],
+        ),
     };
     let disposition = result.frame.get_or_insert_default();
     if naming.fits(&frame_record) {
@@ -129,14 +130,13 @@ fn plan_frame(frame: &Frame, result: &InferenceResult, naming: &Naming) -> Vec<R
         kind: RecordKind::Result,
         topic: naming.topics.results.clone(),
         key: result.camera_id.clone(),
-        headers: vec![
-            (h::CONTENT_TYPE, h::CONTENT_TYPE_PROTOBUF.into()),
-            (h::SCHEMA, h::SCHEMA_RESULT.into()),
-            (h::RECORD_ID, result.record_id.clone()),
-            (h::NODE, result.node_id.clone()),
-            (h::CAMERA, result.camera_id.clone()),
-            (h::MODEL, models),
-        ],
+        headers: headers(
+            h::SCHEMA_RESULT,
+            &result.record_id,
+            &result.node_id,
+            &result.camera_id,
+            [(h::MODEL, models)],
+        ),
         value: result.encode_to_vec(),
     });
     records
@@ -172,17 +172,37 @@ fn dead_letter_record(letter: DeadLetter, naming: &Naming) -> Record {
         kind: RecordKind::DeadLetter,
         topic: naming.topics.deadletter.clone(),
         key: letter.camera_id.clone(),
-        headers: vec![
-            (h::CONTENT_TYPE, h::CONTENT_TYPE_PROTOBUF.into()),
-            (h::SCHEMA, h::SCHEMA_DEAD_LETTER.into()),
-            (h::RECORD_ID, letter.record_id.clone()),
-            (h::NODE, letter.node_id.clone()),
-            (h::CAMERA, letter.camera_id.clone()),
-            (h::ERROR_KIND, letter.kind.clone()),
-            (h::SIZE_POLICY, "dead-letter".into()),
-        ],
+        headers: headers(
+            h::SCHEMA_DEAD_LETTER,
+            &letter.record_id,
+            &letter.node_id,
+            &letter.camera_id,
+            [
+                (h::ERROR_KIND, letter.kind.clone()),
+                (h::SIZE_POLICY, "dead-letter".into()),
+            ],
+        ),
         value: letter.encode_to_vec(),
     }
+}
+
+/// The headers every fovea record carries, then the record kind's own.
+fn headers<const N: usize>(
+    schema: &str,
+    record_id: &str,
+    node: &str,
+    camera: &str,
+    own: [(&'static str, String); N],
+) -> Vec<(&'static str, String)> {
+    let mut all = vec![
+        (h::CONTENT_TYPE, h::CONTENT_TYPE_PROTOBUF.to_string()),
+        (h::SCHEMA, schema.to_string()),
+        (h::RECORD_ID, record_id.to_string()),
+        (h::NODE, node.to_string()),
+        (h::CAMERA, camera.to_string()),
+    ];
+    all.extend(own);
+    all
 }
 
 #[cfg(test)]
