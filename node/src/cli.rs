@@ -45,4 +45,32 @@ pub enum Command {
     Tail(TailArgs),
     /// Benchmark inference alone and the whole path against running brokers.
     Bench(BenchArgs),
+    /// Inspect the on-disk spool (the node must be stopped: one process at a time).
+    #[command(subcommand)]
+    Spool(SpoolCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SpoolCommand {
+    /// Records and bytes by class, oldest record, drops by class and reason, quarantined records.
+    Stats(SpoolTarget),
+    /// Checks every record's checksum without changing anything; exit 1 if any is corrupt.
+    Verify(SpoolTarget),
+    /// Measures spool write and drain MB/s for 1 MB frames and 1 KB results (in a temp folder).
+    Bench {
+        /// Folder to measure in (default: a temporary folder under /tmp).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
+/// Which spool: a folder, or the one a config file names.
+#[derive(Debug, clap::Args)]
+pub struct SpoolTarget {
+    /// The spool folder.
+    #[arg(long, conflicts_with = "config")]
+    pub dir: Option<PathBuf>,
+    /// A config file: its spool.dir (default /etc/fovea/fovea.toml).
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
 }

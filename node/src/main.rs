@@ -2,7 +2,7 @@
 //! with their causes, with a non-zero exit code (so systemd restarts a failed node).
 
 use clap::Parser;
-use fovea::cli::{Cli, Command};
+use fovea::cli::{Cli, Command, SpoolCommand, SpoolTarget};
 use fovea::{config, logging, pipeline, stats::Stats, tools};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -16,6 +16,13 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Validate { config } => validate(&config),
+        Command::Spool(command) => match spool_command(command) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("fovea: error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         command => match run(command, cli.log_level.as_deref()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -60,6 +67,50 @@ fn validate(path: &std::path::Path) -> ExitCode {
     }
 }
 
+fn spool_command(command: SpoolCommand) -> anyhow::Result<ExitCode> {
+    let dir = |target: SpoolTarget| -> anyhow::Result<std::path::PathBuf> {
+        if let Some(dir) = target.dir {
+            return Ok(dir);
+        }
+        let path = target
+            .config
+            .unwrap_or_else(|| "/etc/fovea/fovea.toml".into());
+        let cfg = config::load(&path).map_err(|e| anyhow::anyhow!("{}:\n{e}", path.display()))?;
+        Ok(cfg.spool_dir())
+    };
+    match command {
+        SpoolCommand::Stats(target) => {
+            // The read-only survey `verify` makes is the stats; only the exit code differs.
+            println!("{}", fovea::spool::verify(&dir(target)?)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        SpoolCommand::Verify(target) => {
+            let report = fovea::spool::verify(&dir(target)?)?;
+            println!("{report}");
+            Ok(if report.is_clean() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        SpoolCommand::Bench { dir } => {
+            let tmp;
+            let dir = match dir {
+                Some(d) => d,
+                None => {
+                    tmp = std::env::temp_dir()
+                        .join(format!("fovea-spool-bench-{}", std::process::id()));
+                    tmp
+                }
+            };
+            let report = fovea::spool::bench::benchmark(&dir);
+            let _ = std::fs::remove_dir_all(&dir);
+            println!("{}", report?);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
 fn run(command: Command, log_level: Option<&str>) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -88,7 +139,9 @@ fn run(command: Command, log_level: Option<&str>) -> anyhow::Result<()> {
             logging::init(&cfg.log, log_level.or(Some("warn")))?;
             runtime.block_on(tools::bench::run(args, cfg))
         }
-        Command::Validate { .. } | Command::DefaultConfig => unreachable!("handled in main"),
+        Command::Validate { .. } | Command::DefaultConfig | Command::Spool(_) => {
+            unreachable!("handled in main")
+        }
     }
 }
 

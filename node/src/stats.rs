@@ -45,6 +45,10 @@ pub struct Stats {
     pub skipped_stale: AtomicU64,
     pub acked: AtomicU64,
     pub delivery_failures: AtomicU64,
+    /// Records written to the spool, drained from it, and frames it dropped when full.
+    pub spooled: AtomicU64,
+    pub drained: AtomicU64,
+    pub spool_dropped: AtomicU64,
     samples: [Mutex<Ring>; 4],
 }
 

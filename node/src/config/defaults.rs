@@ -12,6 +12,7 @@ impl Default for Config {
             mqtt: MqttConfig::default(),
             kafka: KafkaConfig::default(),
             inference: InferenceConfig::default(),
+            spool: SpoolConfig::default(),
             // The two models the packages install, so a fresh install infers something.
             models: ["efficientnet-lite0", "ssdlite-person"]
                 .into_iter()
@@ -100,6 +101,19 @@ impl Default for InferenceConfig {
             when_behind: WhenBehind::Backpressure,
             max_frame_age_ms: 2000,
             min_image_side: 16,
+        }
+    }
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::new(),
+            max_bytes: 1 << 30,
+            when_full: crate::spool::WhenFull::DropOldestFrames,
+            divert_after_ms: 5_000,
+            slow_inflight_bytes: 64 << 20,
+            probe_interval_ms: 1_000,
         }
     }
 }

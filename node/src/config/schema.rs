@@ -14,6 +14,7 @@ pub struct Config {
     pub mqtt: MqttConfig,
     pub kafka: KafkaConfig,
     pub inference: InferenceConfig,
+    pub spool: SpoolConfig,
     /// The models this node loads; each entry is a folder holding `manifest.toml`.
     pub models: Vec<ModelRef>,
     /// Which models run on which cameras; the first route whose pattern matches wins.
@@ -104,6 +105,36 @@ pub struct InferenceConfig {
     pub max_frame_age_ms: u64,
     /// Images narrower or shorter than this are rejected as unusable.
     pub min_image_side: u32,
+}
+
+impl Config {
+    /// The spool folder: `spool.dir`, or `spool` inside `node.state_dir` when that is empty.
+    pub fn spool_dir(&self) -> PathBuf {
+        if self.spool.dir.as_os_str().is_empty() {
+            self.node.state_dir.join("spool")
+        } else {
+            self.spool.dir.clone()
+        }
+    }
+}
+
+/// The on-disk buffer for records the local broker cannot take right now.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct SpoolConfig {
+    /// Folder of the spool. Empty = `<node.state_dir>/spool`.
+    pub dir: PathBuf,
+    /// Bytes of records the spool holds at most (results and dead letters are kept even above).
+    pub max_bytes: u64,
+    /// What to do with a frame when the spool is full.
+    pub when_full: crate::spool::WhenFull,
+    /// A record the broker has not acknowledged after this long is spooled (and its frame acked).
+    pub divert_after_ms: u64,
+    /// Bytes handed to the producer and not yet acknowledged above which new records are spooled
+    /// instead (the broker is slow): bounds the memory a slow broker can cost.
+    pub slow_inflight_bytes: u64,
+    /// How often to check whether an unreachable broker is back.
+    pub probe_interval_ms: u64,
 }
 
 /// What happens when frames arrive faster than inference can take them.

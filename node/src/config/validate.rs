@@ -44,6 +44,7 @@ pub(super) fn validate(config: &Config) -> Vec<Problem> {
     mqtt(config, &mut p);
     kafka(config, &mut p);
     inference(config, &mut p);
+    spool(config, &mut p);
     models_and_routes(config, &mut p);
     p.0
 }
@@ -234,6 +235,30 @@ fn check_kafka_topic(topic: &str) -> Result<(), &'static str> {
     } else {
         Ok(())
     }
+}
+
+fn spool(config: &Config, p: &mut Problems) {
+    let s = &config.spool;
+    p.check(
+        s.max_bytes >= 1 << 20,
+        "spool.max_bytes",
+        format!("{} is below the minimum of 1 MiB", s.max_bytes),
+    );
+    p.check(
+        (100..=600_000).contains(&s.divert_after_ms),
+        "spool.divert_after_ms",
+        format!("{} is outside 100..600000", s.divert_after_ms),
+    );
+    p.check(
+        s.slow_inflight_bytes >= 1 << 20,
+        "spool.slow_inflight_bytes",
+        format!("{} is below the minimum of 1 MiB", s.slow_inflight_bytes),
+    );
+    p.check(
+        (50..=60_000).contains(&s.probe_interval_ms),
+        "spool.probe_interval_ms",
+        format!("{} is outside 50..60000", s.probe_interval_ms),
+    );
 }
 
 fn inference(config: &Config, p: &mut Problems) {

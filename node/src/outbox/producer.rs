@@ -1,9 +1,11 @@
 //! The rdkafka producer for the local broker, and the one way records are handed to it.
 //!
 //! Settings and why: idempotence (no duplicates or reordering from librdkafka's own retries;
-//! implies acks=all); `message.timeout.ms = 0` (never give up on a record while the broker is
-//! away: the frame stays un-acked at the MQTT broker until Kafka has it); compression from config;
-//! `message.max.bytes` just above our record limit, so librdkafka enforces what the broker would.
+//! implies acks=all); compression from config;
+//! `message.max.bytes` just above our record limit, so librdkafka enforces what the broker would;
+//! `message.timeout.ms = spool.divert_after_ms`: a record the broker has not acknowledged by then
+//! comes back as failed and goes to the spool, so a missing broker never holds a frame's ack for
+//! longer than that.
 
 use super::records::Record;
 use crate::config::KafkaConfig;
@@ -13,14 +15,16 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use std::time::Duration;
 
-pub fn client_config(cfg: &KafkaConfig, client_id: &str) -> ClientConfig {
+pub fn client_config(cfg: &KafkaConfig, client_id: &str, divert_after_ms: u64) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &cfg.brokers)
         .set("client.id", client_id)
         .set("enable.idempotence", "true")
         .set("compression.type", &cfg.compression)
         .set("linger.ms", cfg.linger_ms.to_string())
-        .set("message.timeout.ms", "0")
+        .set("message.timeout.ms", divert_after_ms.to_string())
+        .set("socket.connection.setup.timeout.ms", "3000")
+        .set("reconnect.backoff.max.ms", "2000")
         .set(
             "message.max.bytes",
             (cfg.record_limit_bytes + 4096).to_string(),
@@ -32,8 +36,12 @@ pub fn client_config(cfg: &KafkaConfig, client_id: &str) -> ClientConfig {
     c
 }
 
-pub fn create(cfg: &KafkaConfig, client_id: &str) -> anyhow::Result<FutureProducer> {
-    Ok(client_config(cfg, client_id).create()?)
+pub fn create(
+    cfg: &KafkaConfig,
+    client_id: &str,
+    divert_after_ms: u64,
+) -> anyhow::Result<FutureProducer> {
+    Ok(client_config(cfg, client_id, divert_after_ms).create()?)
 }
 
 /// Hands a record to librdkafka. When its queue is full this waits (that is the back-pressure
@@ -42,16 +50,28 @@ pub async fn enqueue(
     producer: &FutureProducer,
     record: &Record,
 ) -> Result<DeliveryFuture, KafkaError> {
-    let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
-    for (key, value) in &record.headers {
+    let headers = record.headers.iter().map(|(k, v)| (*k, v.as_str()));
+    enqueue_parts(producer, &record.topic, &record.key, headers, &record.value).await
+}
+
+/// [`enqueue`] for a record in parts (a spooled record being drained).
+pub async fn enqueue_parts<'a>(
+    producer: &FutureProducer,
+    topic: &str,
+    key: &str,
+    header_pairs: impl Iterator<Item = (&'a str, &'a str)>,
+    value: &[u8],
+) -> Result<DeliveryFuture, KafkaError> {
+    let mut headers = OwnedHeaders::new();
+    for (key, value) in header_pairs {
         headers = headers.insert(Header {
             key,
-            value: Some(value.as_str()),
+            value: Some(value),
         });
     }
-    let mut rec = FutureRecord::to(&record.topic)
-        .key(record.key.as_str())
-        .payload(record.value.as_slice())
+    let mut rec = FutureRecord::to(topic)
+        .key(key)
+        .payload(value)
         .headers(headers);
     loop {
         match producer.send_result(rec) {

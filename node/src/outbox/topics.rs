@@ -9,12 +9,20 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::types::RDKafkaErrorCode;
 use std::time::Duration;
 
+/// One attempt at creating `names` (an existing topic is fine); the error says what failed.
+pub async fn create(cfg: &KafkaConfig, names: &[&str]) -> Result<(), String> {
+    ensure(cfg, names, Duration::ZERO)
+        .await
+        .map_err(|e| e.to_string())
+}
+
 /// Creates `names` (an existing topic is fine). Retries with backoff while the broker is
 /// unreachable, until `give_up` has passed.
 pub async fn ensure(cfg: &KafkaConfig, names: &[&str], give_up: Duration) -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", &cfg.brokers)
         .set("log.connection.close", "false")
+        .set("socket.connection.setup.timeout.ms", "3000")
         .create()?;
     let topics: Vec<NewTopic> = names
         .iter()
@@ -26,7 +34,9 @@ pub async fn ensure(cfg: &KafkaConfig, names: &[&str], give_up: Duration) -> any
             )
         })
         .collect();
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let opts = AdminOptions::new()
+        .operation_timeout(Some(Duration::from_secs(10)))
+        .request_timeout(Some(Duration::from_secs(5)));
     let deadline = tokio::time::Instant::now() + give_up;
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {

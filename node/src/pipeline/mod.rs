@@ -19,16 +19,14 @@ use crate::config::Config;
 use crate::inference;
 use crate::ingress::mqtt::Ingress;
 use crate::outbox::records::Naming;
-use crate::outbox::{Outbox, producer, topics};
+use crate::outbox::{Outbox, producer};
+use crate::spool::{SledSpool, Spool, SpoolOptions};
 use crate::stats::Stats;
 use anyhow::Context;
 use routes::Router;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
-
-/// How long start-up keeps trying to reach the local broker to create topics.
-const TOPIC_SETUP_PATIENCE: Duration = Duration::from_secs(120);
 
 /// Everything loaded and checked before the node takes its first frame.
 pub struct Prepared {
@@ -66,13 +64,10 @@ pub async fn run(
     inference::init_runtime(&cfg.inference.onnxruntime_library)?;
 
     let k = &cfg.kafka;
-    let names = [
-        k.topics.frames.as_str(),
-        k.topics.results.as_str(),
-        k.topics.deadletter.as_str(),
-    ];
-    topics::ensure(k, &names, TOPIC_SETUP_PATIENCE).await?;
-    let producer = producer::create(k, &format!("fovea-{node_id}"))?;
+    let spool = open_spool(&cfg)?;
+    // Topics are created by the outbox when it first reaches the broker: a node whose broker is
+    // down at start still takes frames (into the spool).
+    let producer = producer::create(k, &format!("fovea-{node_id}"), cfg.spool.divert_after_ms)?;
 
     let (jobs_tx, jobs_rx) = async_channel::bounded(cfg.inference.queue_capacity);
     let (done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -103,6 +98,9 @@ pub async fn run(
             record_limit: k.record_limit_bytes,
         },
         stats: stats.clone(),
+        spool,
+        spool_cfg: cfg.spool.clone(),
+        kafka: k.clone(),
     };
     let (drained_tx, drained_rx) = watch::channel(false);
     let outbox_task = tokio::spawn(async move {
@@ -128,4 +126,19 @@ pub async fn run(
     .await?;
     Outbox::flush(&producer, Duration::from_secs(5));
     Ok(())
+}
+
+/// Opens the spool, replaying what a previous run left; says what it found.
+fn open_spool(cfg: &Config) -> anyhow::Result<Box<dyn Spool>> {
+    let opts = SpoolOptions {
+        dir: cfg.spool_dir(),
+        max_bytes: cfg.spool.max_bytes,
+        when_full: cfg.spool.when_full,
+    };
+    std::fs::create_dir_all(&opts.dir)
+        .with_context(|| format!("creating the spool folder {}", opts.dir.display()))?;
+    let (spool, report) = SledSpool::open(opts)
+        .with_context(|| format!("opening the spool in {}", cfg.spool_dir().display()))?;
+    log::info!("spool {}: {report}", cfg.spool_dir().display());
+    Ok(Box::new(spool))
 }
