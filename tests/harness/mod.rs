@@ -102,9 +102,13 @@ impl Proc {
 
     /// Sends a signal by name ("TERM", "KILL", ...).
     pub fn signal(&self, sig: &str) {
+        if !self.is_running_now() {
+            return;
+        }
         let _ = Command::new("kill")
             .arg(format!("-{sig}"))
             .arg(self.child.id().to_string())
+            .stderr(Stdio::null())
             .status();
     }
 
@@ -118,6 +122,10 @@ impl Proc {
             std::thread::sleep(Duration::from_millis(50));
         }
         None
+    }
+
+    fn is_running_now(&self) -> bool {
+        Path::new(&format!("/proc/{}", self.child.id())).exists()
     }
 
     pub fn is_running(&mut self) -> bool {
@@ -163,16 +171,38 @@ impl Mosquitto {
 pub struct Kafka {
     pub port: u16,
     pub proc: Proc,
+    dir: PathBuf,
+    name: String,
 }
 
 impl Kafka {
     pub fn start(dir: &Path, name: &str) -> Kafka {
+        Kafka::start_on(dir, name, free_port())
+    }
+
+    /// Stops the broker (SIGTERM, then SIGKILL after 10 s); its data stays.
+    pub fn stop(&mut self) {
+        self.proc.signal("TERM");
+        if self.proc.wait(Duration::from_secs(10)).is_none() {
+            self.proc.signal("KILL");
+            self.proc.wait(Duration::from_secs(5));
+        }
+    }
+
+    /// Starts the broker again on the same port with the same data.
+    pub fn restart(&mut self) {
+        self.stop();
+        let again = Kafka::start_on(&self.dir, &self.name, self.port);
+        *self = again;
+    }
+
+    /// Starts a broker on `port` (which may have been reserved while the broker was down).
+    pub fn start_on(dir: &Path, name: &str, port: u16) -> Kafka {
         let bin = binary("FOVEA_NISSHI_BIN", cache_dir().join("nisshi/bin/nisshi"));
-        let port = free_port();
         let data = dir.join(name);
         std::fs::create_dir_all(&data).expect("broker dir");
         let url = format!("tcp://127.0.0.1:{port}");
-        let log = dir.join(format!("{name}.log"));
+        let log = dir.join(format!("{name}-{}.log", now_ms()));
         let mut cmd = Command::new(bin);
         cmd.current_dir(&data).args([
             "broker",
@@ -192,6 +222,8 @@ impl Kafka {
         let kafka = Kafka {
             port,
             proc: Proc { child, log },
+            dir: dir.to_path_buf(),
+            name: name.to_string(),
         };
         let consumer = kafka.consumer();
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -222,11 +254,22 @@ impl Kafka {
     /// catch extras) or `timeout` passed. Returns everything read.
     pub fn read(&self, topic: &str, want: usize, timeout: Duration) -> Vec<OwnedMessage> {
         let consumer = self.consumer();
-        let md = consumer
-            .fetch_metadata(Some(topic), Duration::from_secs(10))
-            .expect("metadata");
-        let partitions = md.topics()[0].partitions().len() as i32;
-        assert!(partitions > 0, "topic {topic} missing");
+        let deadline = Instant::now() + timeout;
+        // The node creates its topics when it first reaches the broker: wait for them.
+        let partitions = loop {
+            let md = consumer
+                .fetch_metadata(Some(topic), Duration::from_secs(10))
+                .expect("metadata");
+            let n = md
+                .topics()
+                .first()
+                .map_or(0, |t| t.partitions().len() as i32);
+            if n > 0 {
+                break n;
+            }
+            assert!(Instant::now() < deadline, "topic {topic} never appeared");
+            std::thread::sleep(Duration::from_millis(200));
+        };
         let mut tpl = TopicPartitionList::new();
         for p in 0..partitions {
             tpl.add_partition_offset(topic, p, Offset::Beginning)
@@ -234,7 +277,6 @@ impl Kafka {
         }
         consumer.assign(&tpl).expect("assign");
         let mut out = Vec::new();
-        let deadline = Instant::now() + timeout;
         let mut settle_until: Option<Instant> = None;
         loop {
             let now = Instant::now();
@@ -316,7 +358,38 @@ impl Node {
     pub fn start(dir: &Path, config: &str) -> Node {
         let path = dir.join("fovea.toml");
         std::fs::write(&path, config).expect("config");
-        let log = dir.join("fovea.log");
+        Node::launch(dir)
+    }
+
+    /// Starts the node again with the same config, state and client id (after a kill or stop).
+    pub fn restart(&mut self) {
+        let _ = self.proc.child.kill();
+        let _ = self.proc.child.wait();
+        *self = Node::launch(&self.dir);
+    }
+
+    /// SIGKILL, like a power cut for the process.
+    pub fn kill(&mut self) {
+        let _ = self.proc.child.kill();
+        let _ = self.proc.child.wait();
+    }
+
+    /// SIGTERM and wait for a clean exit; returns the log.
+    pub fn stop(&mut self) -> String {
+        self.proc.signal("TERM");
+        let code = self.proc.wait(Duration::from_secs(30));
+        assert_eq!(
+            code,
+            Some(0),
+            "fovea did not stop cleanly: {}",
+            self.proc.log_text()
+        );
+        self.proc.log_text()
+    }
+
+    fn launch(dir: &Path) -> Node {
+        let path = dir.join("fovea.toml");
+        let log = dir.join(format!("fovea-{}.log", now_ms()));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_fovea"));
         cmd.arg("run")
             .arg("--config")
@@ -373,9 +446,169 @@ pub fn publish(port: u16, messages: &[(String, Vec<u8>)]) {
     });
 }
 
+pub fn now_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0)
+}
+
+/// Runs `fovea` with `args`; returns (exit code, stdout, stderr).
+pub fn fovea(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_fovea"))
+        .args(args)
+        .output()
+        .expect("running fovea");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 pub fn temp_dir() -> TempDir {
     tempfile::Builder::new()
         .prefix("fovea-test-")
         .tempdir()
         .expect("temp dir")
+}
+
+/// A steady load: `cameras` cameras each publishing `fps` frames per second (QoS 1, Frame
+/// envelopes with sequence numbers from 1), cycling through `images`, until stopped.
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl Load {
+    pub fn start(port: u16, cameras: usize, fps: f64, images: Vec<Vec<u8>>) -> Load {
+        use fovea_proto::v1::Frame;
+        use prost::Message as _;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let rt = tokio::runtime::Runtime::new().expect("runtime");
+            rt.block_on(async move {
+                let mut opts =
+                    MqttOptions::new(format!("test-load-{}", free_port()), "127.0.0.1", port);
+                opts.set_max_packet_size(268_435_455, 268_435_455)
+                    .set_inflight(200);
+                let (client, mut events) = AsyncClient::new(opts, 256);
+                let acked = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+                let acks = acked.clone();
+                tokio::spawn(async move {
+                    loop {
+                        match events.poll().await {
+                            Ok(Event::Incoming(Packet::PubAck(_))) => {
+                                acks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                            Ok(_) => {}
+                            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                        }
+                    }
+                });
+                let period = Duration::from_secs_f64(1.0 / fps);
+                let started = tokio::time::Instant::now();
+                let mut seq = 0u64;
+                while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    seq += 1;
+                    tokio::time::sleep_until(started + period.mul_f64((seq - 1) as f64)).await;
+                    for cam in 1..=cameras {
+                        let frame = Frame {
+                            sequence: seq,
+                            data: images[(seq as usize + cam) % images.len()].clone().into(),
+                            ..Frame::default()
+                        };
+                        client
+                            .publish(
+                                format!("cameras/load-{cam}/frames"),
+                                QoS::AtLeastOnce,
+                                false,
+                                frame.encode_to_vec(),
+                            )
+                            .await
+                            .expect("publish");
+                    }
+                }
+                let sent = seq * cameras as u64;
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+                while acked.load(std::sync::atomic::Ordering::Relaxed) < sent {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "mosquitto did not ack every publish"
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                seq
+            })
+        });
+        Load {
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    /// Stops publishing; returns how many frames each camera sent (sequences 1..=n), once the
+    /// MQTT broker acknowledged them all.
+    pub fn stop(mut self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handle
+            .take()
+            .map(|h| h.join().expect("load thread"))
+            .unwrap_or(0)
+    }
+}
+
+/// Small JPEG frames (640x480) made from the shared photos: light enough for a steady load.
+pub fn small_jpegs() -> Vec<Vec<u8>> {
+    ["chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg"]
+        .iter()
+        .map(|name| {
+            let img = image::load_from_memory(&shared_image(name)).expect("photo");
+            let img = img
+                .resize_exact(640, 480, image::imageops::FilterType::Triangle)
+                .to_rgb8();
+            let mut out = Vec::new();
+            image::codecs::jpeg::JpegEncoder::new_with_quality(
+                &mut std::io::Cursor::new(&mut out),
+                80,
+            )
+            .encode_image(&img)
+            .expect("jpeg");
+            out
+        })
+        .collect()
+}
+
+/// Record ids seen per (camera, camera sequence).
+pub type ByFrame = std::collections::HashMap<(String, u64), Vec<String>>;
+
+/// (camera, camera sequence) of every result record, and the record ids seen for each.
+pub fn results_by_frame(records: &[OwnedMessage]) -> ByFrame {
+    use fovea_proto::v1::InferenceResult;
+    use prost::Message as _;
+    use rdkafka::message::Message as _;
+    let mut out = ByFrame::default();
+    for r in records {
+        let result = InferenceResult::decode(r.payload().unwrap_or_default()).expect("result");
+        out.entry((result.camera_id, result.camera_sequence))
+            .or_default()
+            .push(result.record_id);
+    }
+    out
+}
+
+/// (camera, camera sequence) of every frame record.
+pub fn frames_by_frame(records: &[OwnedMessage]) -> ByFrame {
+    use fovea_proto::v1::Frame;
+    use prost::Message as _;
+    use rdkafka::message::Message as _;
+    let mut out = ByFrame::default();
+    for r in records {
+        let frame = Frame::decode(r.payload().unwrap_or_default()).expect("frame");
+        out.entry((frame.camera_id, frame.sequence))
+            .or_default()
+            .push(frame.record_id);
+    }
+    out
 }
