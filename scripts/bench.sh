@@ -14,6 +14,8 @@ scripts/services.sh start mqtt edge >/dev/null
 cargo build --release -p fovea 2>&1 | tail -1
 
 run="$FOVEA_RUN_DIR/bench"
+# A fresh spool each run (--backlog fills it before the node starts).
+rm -rf "$run/state"
 mkdir -p "$run"
 cat > "$run/fovea.toml" <<TOML
 [node]

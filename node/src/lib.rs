@@ -18,5 +18,6 @@ pub mod ingress;
 pub mod logging;
 pub mod outbox;
 pub mod pipeline;
+pub mod spool;
 pub mod stats;
 pub mod tools;

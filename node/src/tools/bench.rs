@@ -45,6 +45,10 @@ pub struct BenchArgs {
     /// a rate below the limit measures latency without a queue).
     #[arg(long, default_value_t = 0.0)]
     pub rate: f64,
+    /// Frames (each a frame and a result record) to put in the spool before the node starts,
+    /// so that the end-to-end run happens while that backlog drains.
+    #[arg(long, default_value_t = 0)]
+    pub backlog: u64,
 }
 
 pub async fn run(args: BenchArgs, cfg: Config) -> anyhow::Result<()> {
@@ -76,6 +80,9 @@ pub async fn run(args: BenchArgs, cfg: Config) -> anyhow::Result<()> {
     );
 
     let limit_fps = limit(&prepared, &cfg, &frames, args.frames.min(200))?;
+    if args.backlog > 0 {
+        fill_spool(&cfg, &frames, args.backlog)?;
+    }
     let (e2e_fps, stats) = end_to_end(prepared, &cfg, &args, &frames).await?;
 
     println!(
@@ -104,11 +111,17 @@ pub async fn run(args: BenchArgs, cfg: Config) -> anyhow::Result<()> {
         println!("  {:<12} {:>10.1} {:>9.1}", stage.name(), q(0.5), q(0.99));
     }
     println!(
-        "records acked: {} results, {} frames, {} dead letters",
+        "records acked straight by the broker: {} results, {} frames, {} dead letters",
         Stats::get(&stats.results_out),
         Stats::get(&stats.frames_out),
         Stats::get(&stats.dead_letters)
     );
+    if args.backlog > 0 {
+        println!(
+            "drained from the spool: {} records (the backlog, and live records queued behind it)",
+            Stats::get(&stats.drained)
+        );
+    }
     println!("peak RSS: {:.1} MiB", peak_rss_kib()? as f64 / 1024.0);
     Ok(())
 }
@@ -189,6 +202,7 @@ async fn end_to_end(
 ) -> anyhow::Result<(f64, Arc<Stats>)> {
     let stats = Arc::new(Stats::default());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let node_started = Instant::now();
     let node = tokio::spawn(pipeline::run(prepared, stop_rx, stats.clone()));
 
     let (host, port) = split_host_port(&format!("{}:{}", cfg.mqtt.host, cfg.mqtt.port))?;
@@ -237,11 +251,79 @@ async fn end_to_end(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let fps = args.frames as f64 / started.elapsed().as_secs_f64();
+    if args.backlog > 0 {
+        while Stats::get(&stats.drained) < 2 * args.backlog {
+            anyhow::ensure!(Instant::now() < deadline, "backlog never drained");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let secs = node_started.elapsed().as_secs_f64();
+        println!(
+            "backlog of {} frames ({} records) drained in {secs:.1} s from node start: {:.0} records/s",
+            args.backlog,
+            2 * args.backlog,
+            (2 * args.backlog) as f64 / secs
+        );
+    }
     let _ = client.disconnect().await;
     poller.abort();
     let _ = stop_tx.send(true);
     node.await??;
     Ok((fps, stats))
+}
+
+/// Puts `n` frames, each a frame record and a small result record, into the node's spool.
+fn fill_spool(cfg: &Config, frames: &[Bytes], n: u64) -> anyhow::Result<()> {
+    use crate::spool::{Class, SledSpool, Spool, SpoolOptions, SpoolRecord};
+    use fovea_proto::headers as h;
+    use prost::Message;
+    let dir = cfg.spool_dir();
+    std::fs::create_dir_all(&dir)?;
+    let (mut spool, _) = SledSpool::open(SpoolOptions {
+        dir,
+        max_bytes: u64::MAX,
+        when_full: cfg.spool.when_full,
+    })?;
+    let started = Instant::now();
+    let mut bytes = 0usize;
+    for i in 0..n {
+        let camera = format!("backlog-{}", i % 4 + 1);
+        let id = format!("bench/{camera}/s{i}");
+        let frame = fovea_proto::v1::Frame {
+            camera_id: camera.clone(),
+            sequence: i + 1,
+            record_id: id.clone(),
+            data: frames[i as usize % frames.len()].clone(),
+            ..Default::default()
+        };
+        let result = fovea_proto::v1::InferenceResult {
+            record_id: id.clone(),
+            camera_id: camera.clone(),
+            ..Default::default()
+        };
+        let t = &cfg.kafka.topics;
+        for (class, topic, schema, value) in [
+            (Class::Frame, &t.frames, h::SCHEMA_FRAME, frame.encode_to_vec()),
+            (Class::Result, &t.results, h::SCHEMA_RESULT, result.encode_to_vec()),
+        ] {
+            let record = SpoolRecord {
+                class,
+                topic: topic.clone(),
+                key: camera.clone(),
+                headers: vec![(h::SCHEMA.into(), schema.into()), (h::RECORD_ID.into(), id.clone())],
+                value,
+                created_ms: crate::pipeline::job::now_ms(),
+            };
+            bytes += record.size();
+            spool.append(&record)?;
+        }
+    }
+    spool.flush()?;
+    println!(
+        "spooled a backlog of {n} frames ({:.1} MB) in {:.1} s",
+        bytes as f64 / 1e6,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 /// Peak resident set size of this process (VmHWM), KiB.
