@@ -94,6 +94,14 @@ fn assert_complete(what: &str, got: &ByFrame, want: &HashSet<(String, u64)>) {
     }
 }
 
+/// Every expected frame and its result reached Kafka (see [`assert_complete`]).
+fn assert_all_arrived(kafka: &Kafka, want: &HashSet<(String, u64)>, timeout: Duration) {
+    let results = wait_for_all(kafka, "fovea.results", want, timeout, results_by_frame);
+    assert_complete("results", &results, want);
+    let frames = wait_for_all(kafka, "fovea.frames", want, timeout, frames_by_frame);
+    assert_complete("frames", &frames, want);
+}
+
 #[test]
 fn broker_outage_under_load_loses_nothing_even_across_a_crash() {
     let dir = temp_dir();
@@ -117,23 +125,7 @@ fn broker_outage_under_load_loses_nothing_even_across_a_crash() {
         "load sent only {per_camera} frames per camera"
     );
 
-    let want = expected(5, per_camera);
-    let results = wait_for_all(
-        &kafka,
-        "fovea.results",
-        &want,
-        Duration::from_secs(180),
-        results_by_frame,
-    );
-    assert_complete("results", &results, &want);
-    let frames = wait_for_all(
-        &kafka,
-        "fovea.frames",
-        &want,
-        Duration::from_secs(180),
-        frames_by_frame,
-    );
-    assert_complete("frames", &frames, &want);
+    assert_all_arrived(&kafka, &expected(5, per_camera), Duration::from_secs(180));
     let log = node.stop();
     assert!(log.contains("offline -> catch-up"), "{log}");
 }
@@ -157,23 +149,7 @@ fn sigkill_at_random_moments_loses_no_acknowledged_frame() {
     }
     std::thread::sleep(Duration::from_secs(2));
     let per_camera = load.stop();
-    let want = expected(3, per_camera);
-    let results = wait_for_all(
-        &kafka,
-        "fovea.results",
-        &want,
-        Duration::from_secs(120),
-        results_by_frame,
-    );
-    assert_complete("results", &results, &want);
-    let frames = wait_for_all(
-        &kafka,
-        "fovea.frames",
-        &want,
-        Duration::from_secs(120),
-        frames_by_frame,
-    );
-    assert_complete("frames", &frames, &want);
+    assert_all_arrived(&kafka, &expected(3, per_camera), Duration::from_secs(120));
 }
 
 fn publish_numbered(mqtt: &Mosquitto, camera: &str, count: u64, image: &[u8]) {

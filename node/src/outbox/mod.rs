@@ -389,7 +389,9 @@ impl Outbox {
             }
         };
         if batch.is_empty() {
-            if run.draining.is_empty() && run.to_remove.is_empty() {
+            // Records still waiting to be spooled must go through the spool first: going online
+            // now would strand them there until the next outage.
+            if run.draining.is_empty() && run.to_remove.is_empty() && run.held.is_empty() {
                 log::info!("spool drained: sending straight to the local broker again");
                 self.transition(run, Event::SpoolDrained);
             }

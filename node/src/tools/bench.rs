@@ -302,14 +302,27 @@ fn fill_spool(cfg: &Config, frames: &[Bytes], n: u64) -> anyhow::Result<()> {
         };
         let t = &cfg.kafka.topics;
         for (class, topic, schema, value) in [
-            (Class::Frame, &t.frames, h::SCHEMA_FRAME, frame.encode_to_vec()),
-            (Class::Result, &t.results, h::SCHEMA_RESULT, result.encode_to_vec()),
+            (
+                Class::Frame,
+                &t.frames,
+                h::SCHEMA_FRAME,
+                frame.encode_to_vec(),
+            ),
+            (
+                Class::Result,
+                &t.results,
+                h::SCHEMA_RESULT,
+                result.encode_to_vec(),
+            ),
         ] {
             let record = SpoolRecord {
                 class,
                 topic: topic.clone(),
                 key: camera.clone(),
-                headers: vec![(h::SCHEMA.into(), schema.into()), (h::RECORD_ID.into(), id.clone())],
+                headers: vec![
+                    (h::SCHEMA.into(), schema.into()),
+                    (h::RECORD_ID.into(), id.clone()),
+                ],
                 value,
                 created_ms: crate::pipeline::job::now_ms(),
             };
