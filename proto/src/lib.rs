@@ -5,6 +5,8 @@
 //! (see [`headers`]) so that a consumer can route, decode and deduplicate a record without
 //! parsing its value.
 
+pub mod chunks;
+
 /// Generated types of package `fovea.v1`.
 pub mod v1 {
     #![allow(clippy::all, missing_docs)]
