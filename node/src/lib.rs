@@ -11,6 +11,7 @@
 //! - [`tools`]: `fovea camera`, `fovea tail`, `fovea bench`.
 //! - [`cli`], [`logging`]: the binary's edges.
 
+pub mod blobstore;
 pub mod cli;
 pub mod config;
 pub mod inference;
