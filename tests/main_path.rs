@@ -177,26 +177,16 @@ fn photos_go_through_mqtt_inference_and_kafka() {
     );
 }
 
-fn noise_png(side: u32) -> Vec<u8> {
-    let mut state = 0x2545_f491_u32;
-    let img = image::RgbImage::from_fn(side, side, |_, _| {
-        state ^= state << 13;
-        state ^= state >> 17;
-        state ^= state << 5;
-        image::Rgb([state as u8, (state >> 8) as u8, (state >> 16) as u8])
-    });
-    let mut out = Vec::new();
-    img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
-        .unwrap();
-    out
-}
-
 #[test]
 fn bad_input_is_dead_lettered_and_the_node_keeps_going() {
     let dir = temp_dir();
     let mqtt = Mosquitto::start(dir.path());
     let kafka = Kafka::start(dir.path(), "edge");
-    let config = node_config(&mqtt, &kafka, "mqtt.max_frame_bytes = 25165824");
+    let config = node_config(
+        &mqtt,
+        &kafka,
+        "mqtt.max_frame_bytes = 25165824\nlarge_frames.policy = \"dead_letter\"",
+    );
     let mut node = Node::start(dir.path(), &config);
 
     let mut one_pixel = Vec::new();
@@ -211,7 +201,7 @@ fn bad_input_is_dead_lettered_and_the_node_keeps_going() {
     let mut too_big = vec![0xFF, 0xD8, 0xFF, 0xE0];
     // Over the 24 MiB frame limit: rumqttc must still take it (its default limit is 10 KiB).
     too_big.resize(25 << 20, 0x11);
-    let over_record_limit = noise_png(700);
+    let over_record_limit = noise_png(700, 1);
     assert!(
         over_record_limit.len() > 1 << 20,
         "noise PNG is only {} bytes",

@@ -45,9 +45,18 @@ pub enum Command {
     Tail(TailArgs),
     /// Benchmark inference alone and the whole path against running brokers.
     Bench(BenchArgs),
+    /// Work with the frames fovea wrote to Kafka.
+    #[command(subcommand)]
+    Frames(FramesCommand),
     /// Inspect the on-disk spool (the node must be stopped: one process at a time).
     #[command(subcommand)]
     Spool(SpoolCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FramesCommand {
+    /// Turn a frames topic back into image files (reassembling chunks, fetching claim checks).
+    Export(crate::tools::export::ExportArgs),
 }
 
 #[derive(Debug, Subcommand)]

@@ -2,7 +2,7 @@
 //! with their causes, with a non-zero exit code (so systemd restarts a failed node).
 
 use clap::Parser;
-use fovea::cli::{Cli, Command, SpoolCommand, SpoolTarget};
+use fovea::cli::{Cli, Command, FramesCommand, SpoolCommand, SpoolTarget};
 use fovea::{config, logging, pipeline, stats::Stats, tools};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -132,6 +132,16 @@ fn run(command: Command, log_level: Option<&str>) -> anyhow::Result<()> {
         Command::Tail(args) => {
             logging::init(&config::LogConfig::default(), log_level.or(Some("warn")))?;
             tools::tail::run(args)
+        }
+        Command::Frames(FramesCommand::Export(args)) => {
+            logging::init(&config::LogConfig::default(), log_level.or(Some("warn")))?;
+            let summary = runtime.block_on(tools::export::run(args))?;
+            println!("{summary}");
+            anyhow::ensure!(
+                summary.incomplete == 0 && summary.failed == 0,
+                "some frames could not be exported"
+            );
+            Ok(())
         }
         Command::Bench(args) => {
             let cfg = config::load(&args.config)

@@ -324,6 +324,9 @@ brokers = "{brokers}"
 onnxruntime_library = "{ort}"
 {inference_extra}
 
+[large_frames]
+{large_extra}
+
 [[models]]
 path = "{models}/efficientnet-lite0"
 
@@ -339,6 +342,7 @@ models = ["efficientnet-lite0", "ssdlite-person"]
         brokers = kafka.brokers(),
         kafka_extra = section(extra, "kafka"),
         inference_extra = section(extra, "inference"),
+        large_extra = section(extra, "large_frames"),
         ort = ort_library().display(),
         models = models.display(),
     )
@@ -610,5 +614,21 @@ pub fn frames_by_frame(records: &[OwnedMessage]) -> ByFrame {
             .or_default()
             .push(frame.record_id);
     }
+    out
+}
+
+/// A PNG of `side` x `side` noise pixels (~3 bytes a pixel: noise does not compress), different
+/// for each seed. Sizes: side 183 ~ 100 KB, 606 ~ 1.1 MB, 1155 ~ 4 MB, 4083 ~ 50 MB.
+pub fn noise_png(side: u32, seed: u32) -> Vec<u8> {
+    let mut state = 0x2545_f491_u32 ^ seed.wrapping_mul(0x9e37_79b9);
+    let img = image::RgbImage::from_fn(side, side, |_, _| {
+        state ^= state << 13;
+        state ^= state >> 17;
+        state ^= state << 5;
+        image::Rgb([state as u8, (state >> 8) as u8, (state >> 16) as u8])
+    });
+    let mut out = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+        .expect("png");
     out
 }

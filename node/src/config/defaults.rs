@@ -13,6 +13,7 @@ impl Default for Config {
             kafka: KafkaConfig::default(),
             inference: InferenceConfig::default(),
             spool: SpoolConfig::default(),
+            large_frames: LargeFramesConfig::default(),
             // The two models the packages install, so a fresh install infers something.
             models: ["efficientnet-lite0", "ssdlite-person"]
                 .into_iter()
@@ -56,6 +57,7 @@ impl Default for MqttConfig {
             username: None,
             password: None,
             topics: vec!["cameras/+/frames".into()],
+            chunk_topics: vec!["cameras/+/chunks".into()],
             keep_alive_secs: 30,
             max_frame_bytes: 64 * 1024 * 1024,
             reconnect_min_ms: 250,
@@ -101,6 +103,22 @@ impl Default for InferenceConfig {
             when_behind: WhenBehind::Backpressure,
             max_frame_age_ms: 2000,
             min_image_side: 16,
+        }
+    }
+}
+
+impl Default for LargeFramesConfig {
+    fn default() -> Self {
+        Self {
+            policy: LargeFramePolicy::Chunk,
+            max_in_flight: 2,
+            max_chunked_uploads: 8,
+            chunk_timeout_ms: 30_000,
+            store_dir: PathBuf::new(),
+            store_max_bytes: 10 << 30,
+            retention_hours: 72,
+            http_listen: "127.0.0.1:8088".into(),
+            public_url: String::new(),
         }
     }
 }

@@ -94,6 +94,9 @@ fn resolve_paths(config: &mut Config, base_dir: &Path) {
         resolve(&mut config.inference.onnxruntime_library);
     }
     config.models.iter_mut().for_each(|m| resolve(&mut m.path));
+    if !config.large_frames.store_dir.as_os_str().is_empty() {
+        resolve(&mut config.large_frames.store_dir);
+    }
     // Empty means "inside the state directory" (see `Config::spool_dir`).
     if !config.spool.dir.as_os_str().is_empty() {
         resolve(&mut config.spool.dir);

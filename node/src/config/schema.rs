@@ -15,6 +15,7 @@ pub struct Config {
     pub kafka: KafkaConfig,
     pub inference: InferenceConfig,
     pub spool: SpoolConfig,
+    pub large_frames: LargeFramesConfig,
     /// The models this node loads; each entry is a folder holding `manifest.toml`.
     pub models: Vec<ModelRef>,
     /// Which models run on which cameras; the first route whose pattern matches wins.
@@ -53,6 +54,9 @@ pub struct MqttConfig {
     /// Topic filters to subscribe to. Each must contain exactly one `+` level: that level is the
     /// camera id (`cameras/+/frames` -> camera `cam-1` from `cameras/cam-1/frames`).
     pub topics: Vec<String>,
+    /// Topic filters for cameras that send frames in `FrameChunk` pieces (small MQTT payloads);
+    /// same one-`+` rule. Empty = no chunked uploads.
+    pub chunk_topics: Vec<String>,
     pub keep_alive_secs: u64,
     /// Largest frame accepted, in bytes. Larger payloads are dead-lettered, not inferred.
     pub max_frame_bytes: usize,
@@ -114,6 +118,60 @@ impl Config {
             self.node.state_dir.join("spool")
         } else {
             self.spool.dir.clone()
+        }
+    }
+}
+
+/// Frames whose record would exceed `kafka.record_limit_bytes`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct LargeFramesConfig {
+    /// How such a frame is written to the frames topic.
+    pub policy: LargeFramePolicy,
+    /// Large frames (over the record limit) inside the pipeline at once; more wait at the broker.
+    pub max_in_flight: usize,
+    /// Chunked MQTT uploads: frames being reassembled at once, and how long a frame's chunks may
+    /// take to arrive before the frame is reported incomplete.
+    pub max_chunked_uploads: usize,
+    pub chunk_timeout_ms: u64,
+    /// Claim check: the blob store folder (empty = `<node.state_dir>/blobs`), its size bound and
+    /// retention, where fovea serves it, and the base URL consumers use to reach it.
+    pub store_dir: PathBuf,
+    pub store_max_bytes: u64,
+    pub retention_hours: u64,
+    pub http_listen: String,
+    pub public_url: String,
+}
+
+/// What happens to a frame too large for one record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LargeFramePolicy {
+    /// Split into ordered `FrameChunk` records under the camera's key (Splitter/Aggregator).
+    Chunk,
+    /// Store the image in fovea's blob store and write a reference (claim check).
+    ClaimCheck,
+    /// Write a dead letter saying why (the result is still written).
+    DeadLetter,
+}
+
+impl Config {
+    /// The claim-check store folder: `large_frames.store_dir`, or `blobs` in `node.state_dir`.
+    pub fn blob_dir(&self) -> PathBuf {
+        if self.large_frames.store_dir.as_os_str().is_empty() {
+            self.node.state_dir.join("blobs")
+        } else {
+            self.large_frames.store_dir.clone()
+        }
+    }
+
+    /// The base URL of the blob store as consumers see it.
+    pub fn blob_public_url(&self) -> String {
+        let lf = &self.large_frames;
+        if lf.public_url.is_empty() {
+            format!("http://{}", lf.http_listen)
+        } else {
+            lf.public_url.trim_end_matches('/').to_string()
         }
     }
 }

@@ -45,6 +45,7 @@ pub(super) fn validate(config: &Config) -> Vec<Problem> {
     kafka(config, &mut p);
     inference(config, &mut p);
     spool(config, &mut p);
+    large_frames(config, &mut p);
     models_and_routes(config, &mut p);
     p.0
 }
@@ -106,14 +107,26 @@ fn mqtt(config: &Config, p: &mut Problems) {
         "mqtt.topics",
         "needs at least one topic filter",
     );
-    for (i, topic) in m.topics.iter().enumerate() {
-        if let Err(why) = check_topic_filter(topic) {
-            p.check(
-                false,
-                KeyPath::from("mqtt.topics").index(i),
-                format!("{topic:?}: {why}"),
-            );
+    for (key, filters) in [
+        ("mqtt.topics", &m.topics),
+        ("mqtt.chunk_topics", &m.chunk_topics),
+    ] {
+        for (i, topic) in filters.iter().enumerate() {
+            if let Err(why) = check_topic_filter(topic) {
+                p.check(
+                    false,
+                    KeyPath::from(key).index(i),
+                    format!("{topic:?}: {why}"),
+                );
+            }
         }
+    }
+    for (i, topic) in m.chunk_topics.iter().enumerate() {
+        p.check(
+            !m.topics.contains(topic),
+            KeyPath::from("mqtt.chunk_topics").index(i),
+            format!("{topic:?} is also in mqtt.topics: chunks need their own topics"),
+        );
     }
     // The MQTT keep-alive is a 16-bit number of seconds; under 5 s a busy link flaps.
     p.check(
@@ -235,6 +248,48 @@ fn check_kafka_topic(topic: &str) -> Result<(), &'static str> {
     } else {
         Ok(())
     }
+}
+
+fn large_frames(config: &Config, p: &mut Problems) {
+    let lf = &config.large_frames;
+    p.check(
+        (1..=64).contains(&lf.max_in_flight),
+        "large_frames.max_in_flight",
+        format!("{} is outside 1..64", lf.max_in_flight),
+    );
+    p.check(
+        (1..=1024).contains(&lf.max_chunked_uploads),
+        "large_frames.max_chunked_uploads",
+        format!("{} is outside 1..1024", lf.max_chunked_uploads),
+    );
+    p.check(
+        (100..=3_600_000).contains(&lf.chunk_timeout_ms),
+        "large_frames.chunk_timeout_ms",
+        format!("{} is outside 100..3600000", lf.chunk_timeout_ms),
+    );
+    p.check(
+        lf.store_max_bytes >= 1 << 20,
+        "large_frames.store_max_bytes",
+        format!("{} is below the minimum of 1 MiB", lf.store_max_bytes),
+    );
+    p.check(
+        lf.retention_hours >= 1,
+        "large_frames.retention_hours",
+        "must be at least 1",
+    );
+    p.check(
+        lf.http_listen.parse::<std::net::SocketAddr>().is_ok(),
+        "large_frames.http_listen",
+        format!(
+            "{:?} is not an address:port such as 127.0.0.1:8088",
+            lf.http_listen
+        ),
+    );
+    p.check(
+        lf.public_url.is_empty() || lf.public_url.starts_with("http://"),
+        "large_frames.public_url",
+        format!("{:?} must start with http://", lf.public_url),
+    );
 }
 
 fn spool(config: &Config, p: &mut Problems) {

@@ -5,9 +5,11 @@
 //! - `topic`: the camera id from the topic.
 //! - `ack`: the PUBACK that travels with a frame until its records are durable.
 //! - `backoff`: exponential reconnect delays with jitter.
+//! - `chunked`: reassembly of frames uploaded in `FrameChunk` pieces.
 
 pub mod ack;
 pub mod backoff;
+pub mod chunked;
 pub mod mqtt;
 pub mod payload;
 pub mod topic;

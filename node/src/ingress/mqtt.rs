@@ -6,15 +6,18 @@
 
 use super::ack::Ack;
 use super::backoff::Backoff;
+use super::chunked::{ChunkedUploads, Upload};
 use super::payload::Rejection;
 use super::topic;
-use crate::config::MqttConfig;
+use crate::config::{LargeFramesConfig, MqttConfig};
 use crate::pipeline::job::{Done, Job, JobMeta, Verdict, now_ms};
 use crate::stats::Stats;
+use bytes::Bytes;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
 use tokio::sync::{mpsc::UnboundedSender, watch};
 
 /// rumqttc refuses (and drops the connection on) a packet above its limit, and the broker would
@@ -31,6 +34,17 @@ pub struct Ingress {
     stats: Arc<Stats>,
     /// Per-camera arrival counter (see `JobMeta::node_seq`).
     sequences: HashMap<String, u64>,
+    /// Frames being reassembled from chunked uploads.
+    chunks: ChunkedUploads,
+    /// Permits for frames over the record limit (`large_frames.max_in_flight`).
+    large: Arc<Semaphore>,
+    record_limit: usize,
+}
+
+/// What the ingress needs to know about large frames.
+pub struct LargeFrameLimits<'a> {
+    pub config: &'a LargeFramesConfig,
+    pub record_limit: usize,
 }
 
 impl Ingress {
@@ -40,6 +54,7 @@ impl Ingress {
         jobs: async_channel::Sender<Job>,
         done: UnboundedSender<Done>,
         stats: Arc<Stats>,
+        large: LargeFrameLimits<'_>,
     ) -> Self {
         let mut opts = MqttOptions::new(client_id, cfg.host.clone(), cfg.port);
         opts.set_keep_alive(Duration::from_secs(cfg.keep_alive_secs))
@@ -58,6 +73,13 @@ impl Ingress {
             done,
             stats,
             sequences: HashMap::new(),
+            chunks: ChunkedUploads::new(
+                cfg.max_frame_bytes,
+                large.config.max_chunked_uploads,
+                Duration::from_millis(large.config.chunk_timeout_ms),
+            ),
+            large: Arc::new(Semaphore::new(large.config.max_in_flight)),
+            record_limit: large.record_limit,
         }
     }
 
@@ -74,9 +96,15 @@ impl Ingress {
             Duration::from_millis(self.cfg.reconnect_max_ms),
         );
         let mut taking = true;
+        let mut expiry = tokio::time::interval(Duration::from_millis(500));
         loop {
             let event = tokio::select! {
                 ev = self.events.poll() => ev,
+                _ = expiry.tick() => {
+                    let uploads = self.chunks.expire(Instant::now());
+                    self.finish_uploads(uploads, "mqtt:chunks").await;
+                    continue;
+                }
                 _ = shutdown.changed(), if taking => {
                     taking = false;
                     // Closing our senders lets the workers and then the outbox finish.
@@ -109,6 +137,7 @@ impl Ingress {
                         .cfg
                         .topics
                         .iter()
+                        .chain(&self.cfg.chunk_topics)
                         .map(|t| rumqttc::SubscribeFilter::new(t.clone(), QoS::AtLeastOnce));
                     if let Err(e) = self.client.try_subscribe_many(filters) {
                         log::error!("mqtt subscribe failed: {e}");
@@ -153,47 +182,100 @@ impl Ingress {
     }
 
     async fn accept(&mut self, publish: Publish) {
+        let source = format!("mqtt:{}", publish.topic);
+        let ack = Ack::new(self.client.clone(), &publish);
+        if let Some(camera) = topic::camera_id(&self.cfg.chunk_topics, &publish.topic) {
+            let camera = camera.to_string();
+            let uploads = self
+                .chunks
+                .push(&camera, &publish.payload, ack, Instant::now());
+            self.finish_uploads(uploads, &source).await;
+            return;
+        }
+        let Some(camera) = topic::camera_id(&self.cfg.topics, &publish.topic) else {
+            let rejection = Rejection::BadTopic(publish.topic.clone());
+            self.refuse("_unknown", source, ack, rejection, publish.payload);
+            return;
+        };
+        let camera = camera.to_string();
+        let size = publish.payload.len();
+        if size > self.cfg.max_frame_bytes {
+            let limit = self.cfg.max_frame_bytes;
+            let rejection = Rejection::TooLarge { size, limit };
+            self.refuse(&camera, source, ack, rejection, publish.payload);
+            return;
+        }
+        self.enqueue(&camera, source, ack, publish.payload).await;
+    }
+
+    /// Frames (or failures) of chunked uploads that completed or timed out.
+    async fn finish_uploads(&mut self, uploads: Vec<Upload>, source: &str) {
+        for upload in uploads {
+            match upload.result {
+                Ok(payload) => {
+                    self.enqueue(&upload.camera, source.to_string(), upload.ack, payload)
+                        .await
+                }
+                Err(rejection) => self.refuse(
+                    &upload.camera,
+                    source.to_string(),
+                    upload.ack,
+                    rejection,
+                    Bytes::new(),
+                ),
+            }
+        }
+    }
+
+    fn meta(&mut self, camera: &str, source: String, ack: Ack) -> JobMeta {
         Stats::incr(&self.stats.frames_in);
-        let camera = topic::camera_id(&self.cfg.topics, &publish.topic)
-            .unwrap_or("_unknown")
-            .to_string();
-        let seq = self.sequences.entry(camera.clone()).or_insert(0);
+        let seq = self.sequences.entry(camera.to_string()).or_insert(0);
         *seq += 1;
-        let meta = JobMeta {
-            camera,
-            source: format!("mqtt:{}", publish.topic),
+        JobMeta {
+            camera: camera.to_string(),
+            source,
             node_seq: *seq,
             received: Instant::now(),
             received_at_ms: now_ms(),
-            ack: Ack::new(self.client.clone(), &publish),
+            ack,
             started: None,
             finished: None,
-        };
-        let size = publish.payload.len();
-        let refused = if meta.camera == "_unknown" {
-            Some(Rejection::BadTopic(publish.topic.clone()))
-        } else if size > self.cfg.max_frame_bytes {
-            Some(Rejection::TooLarge {
-                size,
-                limit: self.cfg.max_frame_bytes,
-            })
+            large_permit: None,
+        }
+    }
+
+    /// A payload refused at the door: straight to the outbox as a dead letter.
+    fn refuse(
+        &mut self,
+        camera: &str,
+        source: String,
+        ack: Ack,
+        rejection: Rejection,
+        payload: Bytes,
+    ) {
+        log::warn!("refused frame from {source}: {rejection}");
+        let meta = self.meta(camera, source, ack);
+        let _ = self.done.send(Done {
+            meta,
+            verdict: Verdict::Rejected { rejection, payload },
+        });
+    }
+
+    /// Hands a frame to the workers. A frame over the record limit first takes one of the
+    /// `large_frames.max_in_flight` permits (held until its records are durable): that bounds
+    /// the memory large frames can take, and makes the rest wait at the MQTT broker.
+    async fn enqueue(&mut self, camera: &str, source: String, ack: Ack, payload: Bytes) {
+        let permit = if payload.len() > self.record_limit {
+            match self.large.clone().acquire_owned().await {
+                Ok(p) => Some(p),
+                Err(_) => return, // closed: shutting down; the frame stays un-acked
+            }
         } else {
             None
         };
-        if let Some(rejection) = refused {
-            log::warn!("refused frame from {}: {rejection}", meta.source);
-            let payload = publish.payload;
-            let _ = self.done.send(Done {
-                meta,
-                verdict: Verdict::Rejected { rejection, payload },
-            });
-            return;
-        }
-        let job = Job {
-            meta,
-            payload: publish.payload,
-        };
-        if self.jobs.send(job).await.is_err() {
+        let mut meta = self.meta(camera, source, ack);
+        meta.large_permit = permit;
+        if self.jobs.send(Job { meta, payload }).await.is_err() {
             log::warn!("workers are gone; frame left un-acked for redelivery");
         }
     }

@@ -33,6 +33,12 @@ pub enum Rejection {
     Decode(String),
     #[error("image is {width}x{height} pixels; the minimum is {min}x{min}")]
     TooSmall { width: u32, height: u32, min: u32 },
+    #[error("chunked upload: {0}")]
+    BadChunk(String),
+    #[error("chunked upload incomplete: {0}")]
+    ChunksIncomplete(String),
+    #[error("chunked upload rejected: {0}")]
+    ChunkRejected(String),
 }
 
 impl Rejection {
@@ -48,6 +54,9 @@ impl Rejection {
             Rejection::BadTopic(_) => "bad-topic",
             Rejection::Decode(_) => "decode-failed",
             Rejection::TooSmall { .. } => "too-small",
+            Rejection::BadChunk(_) => "bad-chunk",
+            Rejection::ChunksIncomplete(_) => "chunks-incomplete",
+            Rejection::ChunkRejected(_) => "chunk-rejected",
         }
     }
 }

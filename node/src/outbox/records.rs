@@ -1,14 +1,23 @@
 //! Turns a finished job into the Kafka records to write: the frame, its result, or a dead letter.
 //!
-//! This is where the size policy lives. Until chunking and claim checks land, a frame whose record
-//! would exceed the record limit is not written to the frames topic: a dead letter records it
-//! (metadata and checksum, not the bytes) and its result still goes to the results topic, saying
-//! where the frame went. Nothing here talks to Kafka, so it is tested without a broker.
+//! This is where the size policy lives (`large_frames.policy`), recorded on every frame record in
+//! the `fovea-size-policy` header and in its result's `frame` disposition:
+//! - `inline`: the frame record fits under `kafka.record_limit_bytes`.
+//! - `claim-check`: a worker already put the image in the blob store; the record holds the
+//!   reference (see `pipeline::workers`).
+//! - `chunked`: the encoded `Frame` is split into ordered `FrameChunk` records under the camera's
+//!   key, each under the limit (`fovea_proto::chunks` is the Splitter and the consumers' Aggregator).
+//! - `dead-letter`: policy `dead_letter` (or a frame that cannot be chunked): a dead letter with
+//!   the reason, size and checksum, not the bytes.
+//!
+//! Whatever became of the frame, its result is written. Nothing here talks to Kafka, so it is
+//! tested without a broker.
 
-use crate::config::TopicsConfig;
+use crate::config::{LargeFramePolicy, TopicsConfig};
 use crate::ingress::payload::{self, Rejection};
 use crate::pipeline::job::{Done, JobMeta, Verdict};
 use bytes::Bytes;
+use fovea_proto::chunks;
 use fovea_proto::headers as h;
 use fovea_proto::v1::{DeadLetter, Frame, InferenceResult};
 use prost::Message;
@@ -52,6 +61,8 @@ pub struct Naming {
     pub topics: TopicsConfig,
     /// Largest record, key + value + headers (`kafka.record_limit_bytes`).
     pub record_limit: usize,
+    /// What to do with a frame whose record would not fit.
+    pub large_policy: LargeFramePolicy,
 }
 
 impl Naming {
@@ -85,19 +96,34 @@ fn plan_frame(frame: &Frame, result: &InferenceResult, naming: &Naming) -> Vec<R
             &frame.camera_id,
             [
                 (h::IMAGE_TYPE, frame.content_type.clone()),
-                (h::SIZE_POLICY, "inline".into()),
+                (
+                    h::SIZE_POLICY,
+                    if frame.claim.is_some() {
+                        "claim-check"
+                    } else {
+                        "inline"
+                    }
+                    .into(),
+                ),
             ],
         ),
     };
     let disposition = result.frame.get_or_insert_default();
+    let claimed = frame.claim.is_some();
     if naming.fits(&frame_record) {
         disposition.topic = frame_record.topic.clone();
-        disposition.size_policy = "inline".into();
+        disposition.size_policy = if claimed { "claim-check" } else { "inline" }.into();
         records.push(frame_record);
+    } else if naming.large_policy != LargeFramePolicy::DeadLetter
+        && let Ok(chunks) = chunk_records(frame, &frame_record, naming)
+    {
+        disposition.topic = frame_record.topic.clone();
+        disposition.size_policy = "chunked".into();
+        records.extend(chunks);
     } else {
         let reason = format!(
             "frame record of {} bytes exceeds kafka.record_limit_bytes ({} bytes, less {} for \
-             framing); large-frame support (chunking, claim check) is not enabled",
+             framing) and large_frames.policy is dead_letter",
             frame_record.size(),
             naming.record_limit,
             FRAMING_ALLOWANCE
@@ -140,6 +166,53 @@ fn plan_frame(frame: &Frame, result: &InferenceResult, naming: &Naming) -> Vec<R
         value: result.encode_to_vec(),
     });
     records
+}
+
+/// The frame record's value split into `FrameChunk` records, each (with its headers) under the
+/// record limit. The chunks share the frame's record id and key, so they land in one partition,
+/// in order.
+fn chunk_records(frame: &Frame, whole: &Record, naming: &Naming) -> Result<Vec<Record>, String> {
+    // Room for the headers of a chunk record (the frame's, plus index and count) and its key.
+    let header_room: usize = whole
+        .headers
+        .iter()
+        .map(|(k, v)| k.len() + v.len())
+        .sum::<usize>()
+        + 128;
+    let max_chunk = naming
+        .record_limit
+        .saturating_sub(FRAMING_ALLOWANCE + header_room + whole.key.len());
+    let chunks = chunks::split(
+        &frame.record_id,
+        &frame.camera_id,
+        h::SCHEMA_FRAME,
+        &Default::default(),
+        &whole.value,
+        max_chunk,
+    )
+    .map_err(|e| e.to_string())?;
+    let count = chunks.len();
+    Ok(chunks
+        .into_iter()
+        .map(|chunk| Record {
+            kind: RecordKind::Frame,
+            topic: whole.topic.clone(),
+            key: whole.key.clone(),
+            headers: headers(
+                h::SCHEMA_FRAME_CHUNK,
+                &frame.record_id,
+                &frame.node_id,
+                &frame.camera_id,
+                [
+                    (h::IMAGE_TYPE, frame.content_type.clone()),
+                    (h::SIZE_POLICY, "chunked".into()),
+                    (chunks::HEADER_CHUNK_INDEX, chunk.index.to_string()),
+                    (chunks::HEADER_CHUNK_COUNT, count.to_string()),
+                ],
+            ),
+            value: chunk.encode_to_vec(),
+        })
+        .collect())
 }
 
 fn dead_letter(meta: &JobMeta, rejection: &Rejection, payload: &Bytes, naming: &Naming) -> Record {
@@ -216,7 +289,75 @@ mod tests {
             node_id: "n1".into(),
             topics: crate::config::Config::default().kafka.topics,
             record_limit: limit,
+            large_policy: LargeFramePolicy::DeadLetter,
         }
+    }
+
+    fn header<'r>(record: &'r Record, name: &str) -> Option<&'r str> {
+        record
+            .headers
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn oversized_frame_is_chunked_into_records_that_fit_and_reassemble() {
+        let mut naming = naming(65_536);
+        naming.large_policy = LargeFramePolicy::Chunk;
+        let done = frame_done(300_000);
+        let records = plan(&done, &naming);
+        let (chunks, rest): (Vec<_>, Vec<_>) =
+            records.iter().partition(|r| r.kind == RecordKind::Frame);
+        assert!(chunks.len() >= 5, "{} chunks", chunks.len());
+        assert_eq!(rest.len(), 1, "and one result");
+        let mut aggregator = chunks::Aggregator::new(chunks::Limits::default());
+        let mut outcomes = Vec::new();
+        for (i, c) in chunks.iter().enumerate() {
+            assert!(
+                c.size() + FRAMING_ALLOWANCE <= 65_536,
+                "chunk {i} is {} bytes",
+                c.size()
+            );
+            assert_eq!(header(c, h::SCHEMA), Some(h::SCHEMA_FRAME_CHUNK));
+            assert_eq!(header(c, h::SIZE_POLICY), Some("chunked"));
+            assert_eq!(header(c, h::RECORD_ID), Some("n1/cam/s1"));
+            assert_eq!(
+                header(c, chunks::HEADER_CHUNK_INDEX),
+                Some(i.to_string().as_str())
+            );
+            assert_eq!(c.key, "cam");
+            let chunk = fovea_proto::v1::FrameChunk::decode(c.value.as_slice()).unwrap();
+            outcomes.extend(aggregator.push(chunk, std::time::Instant::now()));
+        }
+        let [chunks::Outcome::Complete(done_frame)] = outcomes.as_slice() else {
+            panic!(
+                "expected one complete frame, got {} outcomes",
+                outcomes.len()
+            );
+        };
+        let frame = Frame::decode(done_frame.payload.clone()).unwrap();
+        assert_eq!(frame.data.len(), 300_000);
+        assert_eq!(frame.record_id, "n1/cam/s1");
+        assert_eq!(result_of(&records).frame.unwrap().size_policy, "chunked");
+    }
+
+    #[test]
+    fn claimed_frame_says_so_in_its_header_and_result() {
+        let mut done = frame_done(0);
+        if let Verdict::Frame { frame, .. } = &mut done.verdict {
+            frame.claim = Some(fovea_proto::v1::ClaimCheck {
+                url: "http://x/blobs/ab".into(),
+                sha256: "ab".into(),
+                size: 5_000_000,
+            });
+        }
+        let records = plan(&done, &naming(1 << 20));
+        assert_eq!(header(&records[0], h::SIZE_POLICY), Some("claim-check"));
+        assert_eq!(
+            result_of(&records).frame.unwrap().size_policy,
+            "claim-check"
+        );
     }
 
     fn meta() -> JobMeta {
@@ -229,6 +370,7 @@ mod tests {
             ack: Ack::none(),
             started: None,
             finished: None,
+            large_permit: None,
         }
     }
 

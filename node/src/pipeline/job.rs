@@ -34,6 +34,9 @@ pub struct JobMeta {
     pub started: Option<Instant>,
     /// When inference (or rejection) finished.
     pub finished: Option<Instant>,
+    /// For a frame over the record limit: its place among `large_frames.max_in_flight`, given
+    /// back when this is dropped (after the frame's records are durable).
+    pub large_permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// What became of a job.

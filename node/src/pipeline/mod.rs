@@ -15,9 +15,12 @@ pub mod routes;
 pub mod sequencer;
 pub mod workers;
 
+use crate::blobstore::{self, BlobStore, BlobStoreOptions};
 use crate::config::Config;
+use crate::config::LargeFramePolicy;
 use crate::inference;
-use crate::ingress::mqtt::Ingress;
+use crate::ingress::mqtt::{Ingress, LargeFrameLimits};
+use crate::outbox::records::FRAMING_ALLOWANCE;
 use crate::outbox::records::Naming;
 use crate::outbox::{Outbox, producer};
 use crate::spool::{SledSpool, Spool, SpoolOptions};
@@ -69,9 +72,12 @@ pub async fn run(
     // down at start still takes frames (into the spool).
     let producer = producer::create(k, &format!("fovea-{node_id}"), cfg.spool.divert_after_ms)?;
 
+    let claims = start_claim_checks(&cfg, &shutdown).await?;
+
     let (jobs_tx, jobs_rx) = async_channel::bounded(cfg.inference.queue_capacity);
     let (done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel();
     let shared = workers::WorkerShared {
+        claims,
         node_id: node_id.clone(),
         router,
         policy: cfg.inference.when_behind,
@@ -96,6 +102,7 @@ pub async fn run(
             node_id,
             topics: k.topics.clone(),
             record_limit: k.record_limit_bytes,
+            large_policy: cfg.large_frames.policy,
         },
         stats: stats.clone(),
         spool,
@@ -108,12 +115,17 @@ pub async fn run(
         let _ = drained_tx.send(true);
     });
 
+    let large = LargeFrameLimits {
+        config: &cfg.large_frames,
+        record_limit: k.record_limit_bytes,
+    };
     let ingress = Ingress::new(
         &cfg.mqtt,
         &cfg.mqtt_client_id(),
         jobs_tx,
         done_tx,
         stats.clone(),
+        large,
     );
     ingress.run(shutdown, drained_rx).await;
 
@@ -141,4 +153,46 @@ fn open_spool(cfg: &Config) -> anyhow::Result<Box<dyn Spool>> {
         .with_context(|| format!("opening the spool in {}", cfg.spool_dir().display()))?;
     log::info!("spool {}: {report}", cfg.spool_dir().display());
     Ok(Box::new(spool))
+}
+
+/// With `large_frames.policy = "claim_check"`: opens the blob store, serves it over HTTP and
+/// prunes it in the background (both stop with `shutdown`), and returns what the workers need.
+async fn start_claim_checks(
+    cfg: &Config,
+    shutdown: &watch::Receiver<bool>,
+) -> anyhow::Result<Option<Arc<workers::Claims>>> {
+    let lf = &cfg.large_frames;
+    if lf.policy != LargeFramePolicy::ClaimCheck {
+        return Ok(None);
+    }
+    let store = BlobStore::open(BlobStoreOptions {
+        dir: cfg.blob_dir(),
+        max_bytes: lf.store_max_bytes,
+        retention: Duration::from_secs(lf.retention_hours * 3600),
+    })
+    .with_context(|| format!("opening the blob store in {}", cfg.blob_dir().display()))?;
+    let listener = tokio::net::TcpListener::bind(&lf.http_listen)
+        .await
+        .with_context(|| format!("serving the blob store on {}", lf.http_listen))?;
+    log::info!(
+        "claim checks: blobs in {}, served on http://{} as {}",
+        cfg.blob_dir().display(),
+        lf.http_listen,
+        cfg.blob_public_url()
+    );
+    tokio::spawn(blobstore::serve(store.clone(), listener, shutdown.clone()));
+    tokio::spawn(blobstore::run_pruner(
+        store.clone(),
+        Duration::from_secs(600),
+        shutdown.clone(),
+    ));
+    Ok(Some(Arc::new(workers::Claims {
+        store,
+        public_url: cfg.blob_public_url(),
+        // Room for the rest of the frame record (ids, metadata, headers) under the limit.
+        threshold: cfg
+            .kafka
+            .record_limit_bytes
+            .saturating_sub(FRAMING_ALLOWANCE + 4096),
+    })))
 }

@@ -19,9 +19,19 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedSender;
 
+/// Claim checks: where a worker puts images too large for a record (policy `claim_check`).
+pub struct Claims {
+    pub store: crate::blobstore::BlobStore,
+    /// Base URL consumers fetch blobs from.
+    pub public_url: String,
+    /// Images at least this large go to the store (the record limit less room for the rest).
+    pub threshold: usize,
+}
+
 /// What every worker needs besides its own sessions.
 #[derive(Clone)]
 pub struct WorkerShared {
+    pub claims: Option<Arc<Claims>>,
     pub node_id: String,
     pub router: Arc<Router>,
     pub policy: WhenBehind,
@@ -104,6 +114,9 @@ pub fn process(shared: &WorkerShared, engine: &mut Engine, job: Job) -> Done {
                         }
                         Some(img) => infer(shared, engine, &meta.camera, &img, &mut result),
                     }
+                    if let Some(claims) = &shared.claims {
+                        claim_check(claims, &mut frame);
+                    }
                     Verdict::Frame {
                         frame: Box::new(frame),
                         result: Box::new(result),
@@ -150,6 +163,29 @@ fn infer(
         );
         result.status = Status::Failed as i32;
         result.status_detail = failures.join("; ");
+    }
+}
+
+/// Puts a large image in the blob store and leaves the reference in the frame instead. The blob is
+/// durable (fsynced) before this returns, so the record that names it never points at nothing.
+/// If the store fails the image stays in the frame and the outbox chunks it instead.
+fn claim_check(claims: &Claims, frame: &mut fovea_proto::v1::Frame) {
+    if frame.data.len() < claims.threshold {
+        return;
+    }
+    match claims.store.put(&frame.data) {
+        Ok(id) => {
+            frame.claim = Some(fovea_proto::v1::ClaimCheck {
+                url: crate::blobstore::blob_url(&claims.public_url, &id),
+                sha256: id,
+                size: frame.data.len() as u64,
+            });
+            frame.data = bytes::Bytes::new();
+        }
+        Err(e) => log::error!(
+            "claim check of {} failed ({e}); the frame will be chunked instead",
+            frame.record_id
+        ),
     }
 }
 

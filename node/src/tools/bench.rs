@@ -45,6 +45,10 @@ pub struct BenchArgs {
     /// a rate below the limit measures latency without a queue).
     #[arg(long, default_value_t = 0.0)]
     pub rate: f64,
+    /// Instead of JPEG photos: PNG frames of random pixels of about this many MB each (large
+    /// frames: chunked or claim-checked on the way to Kafka).
+    #[arg(long)]
+    pub noise_mb: Option<f64>,
     /// Frames (each a frame and a result record) to put in the spool before the node starts,
     /// so that the end-to-end run happens while that backlog drains.
     #[arg(long, default_value_t = 0)]
@@ -90,6 +94,15 @@ pub async fn run(args: BenchArgs, cfg: Config) -> anyhow::Result<()> {
         cfg.inference.workers
     );
     println!("end to end (MQTT publish -> local Kafka ack):     {e2e_fps:8.1} frames/s");
+    if args.noise_mb.is_some() {
+        let mb = avg_kb * 1024.0 / 1e6;
+        println!(
+            "  = {:.1} MB/s inference only, {:.1} MB/s end to end ({mb:.1} MB frames, policy {:?})",
+            limit_fps * mb,
+            e2e_fps * mb,
+            cfg.large_frames.policy
+        );
+    }
     if args.rate > 0.0 {
         println!(
             "  (paced at {} frames/s: end-to-end rate is the offered load, not the limit)",
@@ -126,8 +139,12 @@ pub async fn run(args: BenchArgs, cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The benchmark frames: the photos resized to the frame size and JPEG-encoded.
+/// The benchmark frames: the photos resized to the frame size and JPEG-encoded, or noise PNGs.
 fn make_frames(args: &BenchArgs, w: u32, h: u32) -> anyhow::Result<Vec<Bytes>> {
+    if let Some(mb) = args.noise_mb {
+        let side = ((mb * 1e6 / 3.0).sqrt()) as u32;
+        return (0..4u32).map(|seed| noise_png(side, seed)).collect();
+    }
     read_images(&args.images)?
         .into_iter()
         .map(|(name, data)| {
@@ -144,6 +161,20 @@ fn make_frames(args: &BenchArgs, w: u32, h: u32) -> anyhow::Result<Vec<Bytes>> {
             Ok(Bytes::from(out))
         })
         .collect()
+}
+
+/// A PNG of random pixels (noise does not compress: ~3 bytes a pixel).
+fn noise_png(side: u32, seed: u32) -> anyhow::Result<Bytes> {
+    let mut state = 0x2545_f491_u32 ^ seed.wrapping_mul(0x9e37_79b9).max(1);
+    let img = image::RgbImage::from_fn(side, side, |_, _| {
+        state ^= state << 13;
+        state ^= state >> 17;
+        state ^= state << 5;
+        image::Rgb([state as u8, (state >> 8) as u8, (state >> 16) as u8])
+    });
+    let mut out = Vec::new();
+    img.write_to(&mut Cursor::new(&mut out), image::ImageFormat::Png)?;
+    Ok(Bytes::from(out))
 }
 
 /// Frames/s of `workers` threads doing what a worker does, without MQTT or Kafka.

@@ -1,5 +1,7 @@
-//! Commands around the node: a simulated camera, a Kafka tail, and the benchmark.
+//! Commands around the node: a simulated camera, a Kafka tail, the frame exporter, and the
+//! benchmark.
 
 pub mod bench;
 pub mod camera;
+pub mod export;
 pub mod tail;
