@@ -66,9 +66,12 @@ pub async fn run(args: BenchArgs, cfg: Config) -> anyhow::Result<()> {
     let prepared = pipeline::prepare(cfg.clone())?;
     inference::init_runtime(&cfg.inference.onnxruntime_library)?;
     println!(
-        "fovea bench: {} frames {w}x{h} JPEG (q{}, avg {avg_kb:.0} KiB) at {}, {} camera(s), models [{}], {} worker(s) x {} intra-op thread(s)",
+        "fovea bench: {} frames, {} (avg {avg_kb:.0} KiB), at {}, {} camera(s), models [{}], {} worker(s) x {} intra-op thread(s)",
         args.frames,
-        args.quality,
+        match args.noise_mb {
+            Some(mb) => format!("noise PNG ~{mb} MB"),
+            None => format!("{w}x{h} JPEG q{}", args.quality),
+        },
         if args.rate > 0.0 {
             format!("{} frames/s", args.rate)
         } else {
@@ -163,6 +166,11 @@ fn make_frames(args: &BenchArgs, w: u32, h: u32) -> anyhow::Result<Vec<Bytes>> {
         .collect()
 }
 
+/// The MIME type of a benchmark frame.
+fn sniffed(data: &[u8]) -> &'static str {
+    crate::ingress::payload::sniff(data).unwrap_or(crate::ingress::payload::JPEG)
+}
+
 /// A PNG of random pixels (noise does not compress: ~3 bytes a pixel).
 fn noise_png(side: u32, seed: u32) -> anyhow::Result<Bytes> {
     let mut state = 0x2545_f491_u32 ^ seed.wrapping_mul(0x9e37_79b9).max(1);
@@ -193,7 +201,7 @@ fn limit(
     let models = prepared.router.models_for("cam-1").to_vec();
     // Warm-up: the first run of a session allocates.
     for engine in &mut engines {
-        let img = workers::decode(&frames[0], "image/jpeg", 1)?;
+        let img = workers::decode(&frames[0], sniffed(&frames[0]), 1)?;
         for m in &models {
             engine.run(&m.name, &img)?;
         }
@@ -206,8 +214,11 @@ fn limit(
                 let models = &models;
                 s.spawn(move || -> anyhow::Result<()> {
                     for i in 0..per_worker {
-                        let img =
-                            workers::decode(&frames[i as usize % frames.len()], "image/jpeg", 1)?;
+                        let img = workers::decode(
+                            &frames[i as usize % frames.len()],
+                            sniffed(&frames[i as usize % frames.len()]),
+                            1,
+                        )?;
                         for m in models {
                             engine.run(&m.name, &img)?;
                         }
