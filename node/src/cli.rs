@@ -45,6 +45,16 @@ pub enum Command {
     Tail(TailArgs),
     /// Benchmark inference alone and the whole path against running brokers.
     Bench(BenchArgs),
+    /// Replication lag of the uplink, read from the brokers (the node need not run).
+    Status {
+        #[arg(
+            long,
+            short,
+            env = "FOVEA_CONFIG",
+            default_value = "/etc/fovea/fovea.toml"
+        )]
+        config: PathBuf,
+    },
     /// Work with the frames fovea wrote to Kafka.
     #[command(subcommand)]
     Frames(FramesCommand),

@@ -8,7 +8,10 @@
 //! - [`pipeline`]: the wiring: bounded queue, worker threads, per-camera ordering, shutdown.
 //! - [`outbox`]: Kafka records (and the size policy), the producer, topic creation.
 //! - [`stats`]: counters and stage latencies.
-//! - [`tools`]: `fovea camera`, `fovea tail`, `fovea bench`.
+//! - [`spool`]: the durable buffer while the local broker is away.
+//! - [`blobstore`]: claim checks for large frames.
+//! - [`uplink`]: replication to the cloud cluster.
+//! - [`tools`]: `fovea camera`, `fovea tail`, `fovea frames export`, `fovea bench`.
 //! - [`cli`], [`logging`]: the binary's edges.
 
 pub mod blobstore;
@@ -22,3 +25,4 @@ pub mod pipeline;
 pub mod spool;
 pub mod stats;
 pub mod tools;
+pub mod uplink;

@@ -133,6 +133,13 @@ fn run(command: Command, log_level: Option<&str>) -> anyhow::Result<()> {
             logging::init(&config::LogConfig::default(), log_level.or(Some("warn")))?;
             tools::tail::run(args)
         }
+        Command::Status { config } => {
+            let cfg =
+                config::load(&config).map_err(|e| anyhow::anyhow!("{}:\n{e}", config.display()))?;
+            logging::init(&cfg.log, log_level.or(Some("error")))?;
+            print!("{}", fovea::uplink::status::report(&cfg));
+            Ok(())
+        }
         Command::Frames(FramesCommand::Export(args)) => {
             logging::init(&config::LogConfig::default(), log_level.or(Some("warn")))?;
             let summary = runtime.block_on(tools::export::run(args))?;

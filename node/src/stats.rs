@@ -49,6 +49,11 @@ pub struct Stats {
     pub spooled: AtomicU64,
     pub drained: AtomicU64,
     pub spool_dropped: AtomicU64,
+    /// Uplink: results and frames sent to the cloud, record bytes sent, frames not replicated.
+    pub uplink_results: AtomicU64,
+    pub uplink_frames: AtomicU64,
+    pub uplink_bytes: AtomicU64,
+    pub uplink_filtered: AtomicU64,
     samples: [Mutex<Ring>; 4],
 }
 

@@ -430,23 +430,31 @@ pub fn publish(port: u16, messages: &[(String, Vec<u8>)]) {
         let mut opts = MqttOptions::new(format!("test-pub-{}", free_port()), "127.0.0.1", port);
         opts.set_max_packet_size(268_435_455, 268_435_455);
         let (client, mut events) = AsyncClient::new(opts, 64);
+        // The event loop must run while we publish: it drains the request channel.
+        let want = messages.len();
+        let poller = tokio::spawn(async move {
+            let mut acked = 0;
+            while acked < want {
+                match events.poll().await {
+                    Ok(Event::Incoming(Packet::PubAck(_))) => acked += 1,
+                    Ok(_) => {}
+                    Err(e) => panic!("mqtt publish connection: {e}"),
+                }
+            }
+            events
+        });
         for (topic, payload) in messages {
             client
                 .publish(topic.clone(), QoS::AtLeastOnce, false, payload.clone())
                 .await
                 .expect("publish");
         }
-        let mut acked = 0;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while acked < messages.len() {
-            match tokio::time::timeout_at(deadline, events.poll()).await {
-                Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => panic!("mqtt publish connection: {e}"),
-                Err(_) => panic!("only {acked} of {} publishes acked", messages.len()),
-            }
-        }
+        let mut events = tokio::time::timeout(Duration::from_secs(60), poller)
+            .await
+            .unwrap_or_else(|_| panic!("not all {want} publishes were acked"))
+            .expect("mqtt poller");
         let _ = client.disconnect().await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), events.poll()).await;
     });
 }
 

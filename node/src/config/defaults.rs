@@ -14,6 +14,7 @@ impl Default for Config {
             inference: InferenceConfig::default(),
             spool: SpoolConfig::default(),
             large_frames: LargeFramesConfig::default(),
+            uplink: UplinkConfig::default(),
             // The two models the packages install, so a fresh install infers something.
             models: ["efficientnet-lite0", "ssdlite-person"]
                 .into_iter()
@@ -103,6 +104,39 @@ impl Default for InferenceConfig {
             when_behind: WhenBehind::Backpressure,
             max_frame_age_ms: 2000,
             min_image_side: 16,
+        }
+    }
+}
+
+impl Default for UplinkConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            brokers: String::new(),
+            group_id: String::new(),
+            results_topic: "fovea.results".into(),
+            frames_topic: "fovea.frames".into(),
+            bandwidth_bytes_per_sec: 0,
+            record_limit_bytes: 1 << 20,
+            compression: "zstd".into(),
+            max_in_flight: 256,
+            security: UplinkSecurity::default(),
+            frames: Default::default(),
+        }
+    }
+}
+
+impl Default for UplinkSecurity {
+    fn default() -> Self {
+        Self {
+            protocol: "plaintext".into(),
+            sasl_mechanism: String::new(),
+            sasl_username: String::new(),
+            sasl_password: String::new(),
+            ssl_ca_location: String::new(),
+            ssl_certificate_location: String::new(),
+            ssl_key_location: String::new(),
+            ssl_key_password: String::new(),
         }
     }
 }

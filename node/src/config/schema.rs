@@ -16,6 +16,7 @@ pub struct Config {
     pub inference: InferenceConfig,
     pub spool: SpoolConfig,
     pub large_frames: LargeFramesConfig,
+    pub uplink: UplinkConfig,
     /// The models this node loads; each entry is a folder holding `manifest.toml`.
     pub models: Vec<ModelRef>,
     /// Which models run on which cameras; the first route whose pattern matches wins.
@@ -118,6 +119,76 @@ impl Config {
             self.node.state_dir.join("spool")
         } else {
             self.spool.dir.clone()
+        }
+    }
+}
+
+/// Replication of results (and chosen frames) from the local broker to a cloud cluster.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct UplinkConfig {
+    pub enabled: bool,
+    /// Bootstrap servers of the cloud cluster.
+    pub brokers: String,
+    /// Consumer group on the local broker whose committed offsets are the replication checkpoint.
+    /// Empty = `fovea-uplink-<node id>`.
+    pub group_id: String,
+    /// Cloud topic names for results and frames.
+    pub results_topic: String,
+    pub frames_topic: String,
+    /// Bytes per second sent to the cloud at most (record bytes); 0 = no cap. For metered links.
+    pub bandwidth_bytes_per_sec: u64,
+    /// The cloud cluster's record limit; larger frames are chunked again.
+    pub record_limit_bytes: usize,
+    /// Compression towards the cloud: none, gzip, snappy, lz4, zstd.
+    pub compression: String,
+    /// Records sent to the cloud and not yet acknowledged, at most: beyond it replication waits.
+    pub max_in_flight: usize,
+    pub security: UplinkSecurity,
+    /// Which frames are replicated (results always are).
+    pub frames: crate::uplink::rules::FrameRules,
+}
+
+/// TLS and SASL towards the cloud cluster (librdkafka's settings of the same names).
+#[derive(Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct UplinkSecurity {
+    /// plaintext, ssl, sasl_plaintext or sasl_ssl.
+    pub protocol: String,
+    /// PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (with a sasl_* protocol).
+    pub sasl_mechanism: String,
+    pub sasl_username: String,
+    /// Never logged or printed (Debug shows it redacted).
+    pub sasl_password: String,
+    pub ssl_ca_location: String,
+    pub ssl_certificate_location: String,
+    pub ssl_key_location: String,
+    pub ssl_key_password: String,
+}
+
+impl std::fmt::Debug for UplinkSecurity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redact = |s: &String| if s.is_empty() { "" } else { "<redacted>" };
+        f.debug_struct("UplinkSecurity")
+            .field("protocol", &self.protocol)
+            .field("sasl_mechanism", &self.sasl_mechanism)
+            .field("sasl_username", &self.sasl_username)
+            .field("sasl_password", &redact(&self.sasl_password))
+            .field("ssl_ca_location", &self.ssl_ca_location)
+            .field("ssl_certificate_location", &self.ssl_certificate_location)
+            .field("ssl_key_location", &self.ssl_key_location)
+            .field("ssl_key_password", &redact(&self.ssl_key_password))
+            .finish()
+    }
+}
+
+impl Config {
+    /// The uplink's consumer group on the local broker.
+    pub fn uplink_group(&self) -> String {
+        if self.uplink.group_id.is_empty() {
+            format!("fovea-uplink-{}", self.node_id())
+        } else {
+            self.uplink.group_id.clone()
         }
     }
 }

@@ -46,6 +46,7 @@ pub(super) fn validate(config: &Config) -> Vec<Problem> {
     inference(config, &mut p);
     spool(config, &mut p);
     large_frames(config, &mut p);
+    uplink(config, &mut p);
     models_and_routes(config, &mut p);
     p.0
 }
@@ -248,6 +249,74 @@ fn check_kafka_topic(topic: &str) -> Result<(), &'static str> {
     } else {
         Ok(())
     }
+}
+
+fn uplink(config: &Config, p: &mut Problems) {
+    let u = &config.uplink;
+    if !u.enabled {
+        return;
+    }
+    p.check(
+        !u.brokers.is_empty(),
+        "uplink.brokers",
+        "must name the cloud cluster",
+    );
+    for (key, topic) in [
+        ("uplink.results_topic", &u.results_topic),
+        ("uplink.frames_topic", &u.frames_topic),
+    ] {
+        if let Err(why) = check_kafka_topic(topic) {
+            p.check(false, key, format!("{topic:?}: {why}"));
+        }
+    }
+    p.check(
+        COMPRESSIONS.contains(&u.compression.as_str()),
+        "uplink.compression",
+        format!(
+            "{:?} is not one of {}",
+            u.compression,
+            COMPRESSIONS.join(", ")
+        ),
+    );
+    p.check(
+        (65_536..=104_857_600).contains(&u.record_limit_bytes),
+        "uplink.record_limit_bytes",
+        format!("{} is outside 65536..104857600", u.record_limit_bytes),
+    );
+    p.check(
+        (1..=100_000).contains(&u.max_in_flight),
+        "uplink.max_in_flight",
+        format!("{} is outside 1..100000", u.max_in_flight),
+    );
+    let s = &u.security;
+    p.check(
+        ["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"].contains(&s.protocol.as_str()),
+        "uplink.security.protocol",
+        format!(
+            "{:?} is not one of plaintext, ssl, sasl_plaintext, sasl_ssl",
+            s.protocol
+        ),
+    );
+    if s.protocol.starts_with("sasl") {
+        p.check(
+            ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"].contains(&s.sasl_mechanism.as_str()),
+            "uplink.security.sasl_mechanism",
+            format!(
+                "{:?} is not one of PLAIN, SCRAM-SHA-256, SCRAM-SHA-512",
+                s.sasl_mechanism
+            ),
+        );
+        p.check(
+            !s.sasl_username.is_empty(),
+            "uplink.security.sasl_username",
+            "is needed with SASL",
+        );
+    }
+    p.check(
+        (0.0..=1.0).contains(&u.frames.min_score),
+        "uplink.frames.min_score",
+        format!("{} is outside 0..1", u.frames.min_score),
+    );
 }
 
 fn large_frames(config: &Config, p: &mut Problems) {

@@ -119,6 +119,15 @@ pub async fn run(
         config: &cfg.large_frames,
         record_limit: k.record_limit_bytes,
     };
+    let uplink = cfg.uplink.enabled.then(|| {
+        let (cfg, stats, stop) = (cfg.clone(), stats.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = crate::uplink::replicator::run(cfg, stats, stop).await {
+                log::error!("uplink stopped: {e:#}");
+            }
+        })
+    });
+
     let ingress = Ingress::new(
         &cfg.mqtt,
         &cfg.mqtt_client_id(),
@@ -130,6 +139,9 @@ pub async fn run(
     ingress.run(shutdown, drained_rx).await;
 
     outbox_task.await.context("outbox task")?;
+    if let Some(uplink) = uplink {
+        let _ = uplink.await;
+    }
     tokio::task::spawn_blocking(move || {
         for t in threads {
             let _ = t.join();

@@ -29,6 +29,33 @@ pub struct TailArgs {
     /// Stop when no record arrived for this many seconds.
     #[arg(long)]
     pub idle_exit: Option<f64>,
+    /// Print each record id once (delivery is at least once: a record may arrive twice).
+    #[arg(long)]
+    pub dedupe: bool,
+}
+
+/// Record ids already printed, with a bound: the oldest are forgotten first.
+struct Seen {
+    ids: std::collections::HashSet<String>,
+    order: std::collections::VecDeque<String>,
+}
+
+impl Seen {
+    const KEEP: usize = 100_000;
+
+    /// True the first time `key` is seen.
+    fn first(&mut self, key: String) -> bool {
+        if !self.ids.insert(key.clone()) {
+            return false;
+        }
+        self.order.push_back(key);
+        if self.order.len() > Self::KEEP
+            && let Some(old) = self.order.pop_front()
+        {
+            self.ids.remove(&old);
+        }
+        true
+    }
 }
 
 pub fn run(args: TailArgs) -> anyhow::Result<()> {
@@ -65,6 +92,10 @@ pub fn run(args: TailArgs) -> anyhow::Result<()> {
     }
     consumer.assign(&assignment)?;
     let mut seen = 0u64;
+    let mut printed = Seen {
+        ids: Default::default(),
+        order: Default::default(),
+    };
     let mut last = Instant::now();
     loop {
         if args.count.is_some_and(|c| seen >= c) {
@@ -83,6 +114,16 @@ pub fn run(args: TailArgs) -> anyhow::Result<()> {
                 seen += 1;
                 last = Instant::now();
                 let schema = header(&msg, h::SCHEMA).unwrap_or_default();
+                if args.dedupe
+                    && let Some(id) = header(&msg, h::RECORD_ID)
+                    && !printed.first(format!(
+                        "{}/{schema}/{id}/{:?}",
+                        msg.topic(),
+                        header(&msg, fovea_proto::chunks::HEADER_CHUNK_INDEX)
+                    ))
+                {
+                    continue;
+                }
                 println!(
                     "{} {}",
                     msg.topic(),

@@ -1,0 +1,284 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The uplink against two real brokers ("edge" and "cloud"): a cloud outage under load, the node
+//! SIGKILLed mid-replication, the bandwidth cap, and the frame rules. Counts what was sent and
+//! what arrived.
+
+mod harness;
+
+use fovea_proto::headers as h;
+use fovea_proto::v1::{Frame, InferenceResult};
+use harness::*;
+use prost::Message as _;
+use rdkafka::message::{Headers as _, Message as _, OwnedMessage, Timestamp};
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+/// A node on `edge` replicating to `cloud`; the classifier only; `uplink_extra` goes into
+/// `[uplink]`, `frames` into `[uplink.frames]`.
+fn config(
+    mqtt: &Mosquitto,
+    edge: &Kafka,
+    cloud: &Kafka,
+    uplink_extra: &str,
+    frames: &str,
+) -> String {
+    let base = node_config(mqtt, edge, "").replace(
+        "models = [\"efficientnet-lite0\", \"ssdlite-person\"]",
+        "models = [\"efficientnet-lite0\"]",
+    );
+    format!(
+        "{base}\n[spool]\ndivert_after_ms = 1000\nprobe_interval_ms = 200\n\n[uplink]\nenabled = true\nbrokers = \"{}\"\n{uplink_extra}\n\n[uplink.frames]\n{frames}\n",
+        cloud.brokers()
+    )
+}
+
+fn ts(m: &OwnedMessage) -> i64 {
+    match m.timestamp() {
+        Timestamp::CreateTime(t) | Timestamp::LogAppendTime(t) => t,
+        Timestamp::NotAvailable => panic!("record without a timestamp"),
+    }
+}
+
+fn record_ids(records: &[OwnedMessage]) -> Vec<String> {
+    records
+        .iter()
+        .map(|r| header(r, h::RECORD_ID).expect("record id"))
+        .collect()
+}
+
+/// Reads `topic` until it holds `want` distinct record ids (or the timeout).
+fn read_distinct(kafka: &Kafka, topic: &str, want: usize, timeout: Duration) -> Vec<OwnedMessage> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let records = kafka.read(topic, want, Duration::from_secs(20));
+        let distinct: HashSet<_> = record_ids(&records).into_iter().collect();
+        if distinct.len() >= want || Instant::now() > deadline {
+            return records;
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
+#[test]
+fn cloud_outage_under_load_loses_no_result_and_results_catch_up_before_images() {
+    let dir = temp_dir();
+    let mqtt = Mosquitto::start(dir.path());
+    let edge = Kafka::start(dir.path(), "edge");
+    let mut cloud = Kafka::start(dir.path(), "cloud");
+    let frames = "enabled = true\nthumbnail_max_side = 64";
+    let _node = Node::start(dir.path(), &config(&mqtt, &edge, &cloud, "", frames));
+    let load = Load::start(mqtt.port, 3, 5.0, small_jpegs());
+    std::thread::sleep(Duration::from_secs(5));
+    let stopped_at = now_ms() as i64;
+    cloud.stop();
+    std::thread::sleep(Duration::from_secs(125));
+    let back_at = now_ms() as i64;
+    cloud.restart();
+    std::thread::sleep(Duration::from_secs(5));
+    let per_camera = load.stop();
+    let sent = 3 * per_camera as usize;
+
+    let results = read_distinct(&cloud, "fovea.results", sent, Duration::from_secs(240));
+    let ids = record_ids(&results);
+    let distinct: HashSet<&String> = ids.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        sent,
+        "results in the cloud: {} distinct of {sent}",
+        distinct.len()
+    );
+    // Duplicates (at least once) are byte-identical records under one id.
+    let mut by_id: HashMap<&String, &[u8]> = HashMap::new();
+    for (id, r) in ids.iter().zip(&results) {
+        let value = r.payload().unwrap();
+        assert_eq!(
+            *by_id.entry(id).or_insert(value),
+            value,
+            "{id}: duplicates differ"
+        );
+        assert_eq!(header(r, "fovea-edge-node").as_deref(), Some("test-node"));
+    }
+
+    // Results of frames taken during the outage reached the cloud before any image taken after
+    // the uplink's in-flight window had filled (20 s into the outage).
+    let frames = read_distinct(&cloud, "fovea.frames", sent, Duration::from_secs(240));
+    let outage_results: Vec<i64> = results
+        .iter()
+        .filter(|r| {
+            let res = InferenceResult::decode(r.payload().unwrap()).unwrap();
+            (stopped_at..back_at).contains(&res.received_at_ms)
+        })
+        .map(ts)
+        .collect();
+    let late_frames: Vec<i64> = frames
+        .iter()
+        .filter(|f| {
+            let frame = Frame::decode(f.payload().unwrap()).unwrap();
+            (stopped_at + 20_000..back_at).contains(&frame.received_at_ms)
+        })
+        .map(ts)
+        .collect();
+    assert!(
+        outage_results.len() > 100 && late_frames.len() > 100,
+        "{} / {}",
+        outage_results.len(),
+        late_frames.len()
+    );
+    let last_result = outage_results.iter().max().unwrap();
+    let first_frame = late_frames.iter().min().unwrap();
+    assert!(
+        last_result <= first_frame,
+        "a result was sent {} ms after the first backlog image",
+        last_result - first_frame
+    );
+}
+
+#[test]
+fn sigkill_during_replication_loses_nothing_and_does_not_start_over() {
+    let dir = temp_dir();
+    let mqtt = Mosquitto::start(dir.path());
+    let edge = Kafka::start(dir.path(), "edge");
+    let cloud = Kafka::start(dir.path(), "cloud");
+    let mut node = Node::start(dir.path(), &config(&mqtt, &edge, &cloud, "", ""));
+    let photos = small_jpegs();
+    let batch = |from: u64, to: u64| -> Vec<(String, Vec<u8>)> {
+        (from..to)
+            .map(|seq| {
+                let f = Frame {
+                    sequence: seq,
+                    data: photos[seq as usize % 4].clone().into(),
+                    ..Frame::default()
+                };
+                ("cameras/k/frames".to_string(), f.encode_to_vec())
+            })
+            .collect()
+    };
+    publish(mqtt.port, &batch(1, 151));
+    let first = read_distinct(&cloud, "fovea.results", 150, Duration::from_secs(120));
+    assert_eq!(record_ids(&first).iter().collect::<HashSet<_>>().len(), 150);
+    std::thread::sleep(Duration::from_secs(1)); // the checkpoint is committed every 200 ms
+
+    publish(mqtt.port, &batch(151, 301));
+    std::thread::sleep(Duration::from_millis(1500));
+    node.kill();
+    node.restart();
+    let all = read_distinct(&cloud, "fovea.results", 300, Duration::from_secs(120));
+    let ids = record_ids(&all);
+    let distinct: HashSet<&String> = ids.iter().collect();
+    assert_eq!(distinct.len(), 300, "no result lost");
+    let resent_first_batch = ids
+        .iter()
+        .filter(|id| {
+            id.rsplit('s')
+                .next()
+                .and_then(|n| n.parse::<u64>().ok())
+                .is_some_and(|n| n <= 150)
+        })
+        .count();
+    assert_eq!(
+        resent_first_batch, 150,
+        "the restart resent results that were already checkpointed"
+    );
+    assert!(
+        ids.len() <= 300 + 150,
+        "{} records for 300 results",
+        ids.len()
+    );
+}
+
+#[test]
+fn bandwidth_cap_holds_within_ten_percent_over_30_s() {
+    let dir = temp_dir();
+    let mqtt = Mosquitto::start(dir.path());
+    let edge = Kafka::start(dir.path(), "edge");
+    let cloud = Kafka::start(dir.path(), "cloud");
+    let cap: u64 = 300_000;
+    let uplink = format!("bandwidth_bytes_per_sec = {cap}\ncompression = \"none\"");
+    let _node = Node::start(
+        dir.path(),
+        &config(&mqtt, &edge, &cloud, &uplink, "enabled = true"),
+    );
+    // A backlog of ~60 KB frames far above the cap: the uplink is busy for the whole window.
+    let photos = small_jpegs();
+    let messages: Vec<_> = (0..400u64)
+        .map(|i| {
+            let f = Frame {
+                sequence: i + 1,
+                data: photos[i as usize % 4].clone().into(),
+                ..Frame::default()
+            };
+            (format!("cameras/m{}/frames", i % 4), f.encode_to_vec())
+        })
+        .collect();
+    let started = now_ms() as i64;
+    publish(mqtt.port, &messages);
+    std::thread::sleep(Duration::from_secs(45));
+    let size = |r: &OwnedMessage| {
+        let headers: usize = r
+            .headers()
+            .map(|hs| {
+                hs.iter()
+                    .map(|x| x.key.len() + x.value.map_or(0, <[u8]>::len))
+                    .sum()
+            })
+            .unwrap_or(0);
+        (r.key().map_or(0, <[u8]>::len) + r.payload().map_or(0, <[u8]>::len) + headers) as u64
+    };
+    let mut records = cloud.read("fovea.frames", 1, Duration::from_secs(20));
+    records.extend(cloud.read("fovea.results", 1, Duration::from_secs(20)));
+    let (from, to) = (started + 10_000, started + 40_000);
+    let bytes: u64 = records
+        .iter()
+        .filter(|r| (from..to).contains(&ts(r)))
+        .map(size)
+        .sum();
+    let rate = bytes as f64 / 30.0;
+    assert!(
+        (rate - cap as f64).abs() <= cap as f64 * 0.10,
+        "{rate:.0} bytes/s over 30 s against a cap of {cap}"
+    );
+}
+
+#[test]
+fn only_frames_matching_the_rules_arrive_as_thumbnails() {
+    let dir = temp_dir();
+    let mqtt = Mosquitto::start(dir.path());
+    let edge = Kafka::start(dir.path(), "edge");
+    let cloud = Kafka::start(dir.path(), "cloud");
+    let rules =
+        "enabled = true\nlabels = [\"Egyptian cat\"]\nmin_score = 0.5\nthumbnail_max_side = 96";
+    let _node = Node::start(dir.path(), &config(&mqtt, &edge, &cloud, "", rules));
+    let mut messages = Vec::new();
+    for camera in ["a", "b"] {
+        for photo in ["chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg"] {
+            messages.push((format!("cameras/{camera}/frames"), shared_image(photo)));
+        }
+    }
+    publish(mqtt.port, &messages);
+    let results = read_distinct(&cloud, "fovea.results", 8, Duration::from_secs(90));
+    assert_eq!(
+        record_ids(&results).iter().collect::<HashSet<_>>().len(),
+        8,
+        "every result goes up"
+    );
+    let frames = cloud.read("fovea.frames", 2, Duration::from_secs(30));
+    let distinct: HashSet<String> = record_ids(&frames).into_iter().collect();
+    assert_eq!(distinct.len(), 2, "only the two cat pictures: {distinct:?}");
+    for f in &frames {
+        let frame = Frame::decode(f.payload().unwrap()).unwrap();
+        assert_eq!(frame.content_type, "image/jpeg");
+        let img = image::load_from_memory(&frame.data).unwrap();
+        // chelsea.png is 451x300: a 96 px thumbnail keeps the aspect ratio.
+        assert_eq!(img.width(), 96);
+        assert!(
+            (63..=64).contains(&img.height()),
+            "{}x{}",
+            img.width(),
+            img.height()
+        );
+        assert_eq!((frame.width, frame.height), (img.width(), img.height()));
+        let size = format!("{}x{}", img.width(), img.height());
+        assert_eq!(header(f, "fovea-thumbnail").as_deref(), Some(size.as_str()));
+        assert_eq!(header(f, "fovea-edge-node").as_deref(), Some("test-node"));
+    }
+}
