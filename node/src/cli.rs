@@ -45,6 +45,8 @@ pub enum Command {
     Tail(TailArgs),
     /// Benchmark inference alone and the whole path against running brokers.
     Bench(BenchArgs),
+    /// Benchmark the uplink: replication throughput and catch-up after a backlog.
+    BenchUplink(crate::tools::bench_uplink::UplinkBenchArgs),
     /// Replication lag of the uplink, read from the brokers (the node need not run).
     Status {
         #[arg(

@@ -150,6 +150,12 @@ fn run(command: Command, log_level: Option<&str>) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::BenchUplink(args) => {
+            let cfg = config::load(&args.config)
+                .map_err(|e| anyhow::anyhow!("{}:\n{e}", args.config.display()))?;
+            logging::init(&cfg.log, log_level.or(Some("warn")))?;
+            runtime.block_on(tools::bench_uplink::run(args, cfg))
+        }
         Command::Bench(args) => {
             let cfg = config::load(&args.config)
                 .map_err(|e| anyhow::anyhow!("{}:\n{e}", args.config.display()))?;

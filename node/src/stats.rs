@@ -54,6 +54,8 @@ pub struct Stats {
     pub uplink_frames: AtomicU64,
     pub uplink_bytes: AtomicU64,
     pub uplink_filtered: AtomicU64,
+    /// Uplink records the cloud acknowledged.
+    pub uplink_acked: AtomicU64,
     samples: [Mutex<Ring>; 4],
 }
 

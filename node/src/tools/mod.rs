@@ -2,6 +2,7 @@
 //! benchmark.
 
 pub mod bench;
+pub mod bench_uplink;
 pub mod camera;
 pub mod export;
 pub mod tail;

@@ -26,9 +26,10 @@ use fovea_proto::headers as h;
 use fovea_proto::v1::{Frame, FrameChunk, InferenceResult};
 use prost::Message as _;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::producer::FutureProducer;
+use rdkafka::producer::Producer;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -86,6 +87,25 @@ pub struct Replicator {
     acks: UnboundedSender<Vec<Pos>>,
 }
 
+/// Consumer context that keeps partition-end notices (asked for with `enable.partition.eof`, to
+/// know when the results are caught up) out of the error log.
+pub struct QuietEof;
+
+impl rdkafka::ClientContext for QuietEof {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(
+            error,
+            KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)
+        ) {
+            log::error!("uplink: local broker: {error}: {reason}");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for QuietEof {}
+
+type LocalConsumer = StreamConsumer<QuietEof>;
+
 /// Creates the consumer of one local topic for `group`, assigned from its committed offsets
 /// (the beginning when it has none). Waits for the topic to exist: the node creates it when it
 /// first reaches the broker.
@@ -93,15 +113,15 @@ pub async fn local_consumer(
     cfg: &Config,
     group: &str,
     topic: &str,
-) -> anyhow::Result<(StreamConsumer, usize)> {
-    let consumer: StreamConsumer = ClientConfig::new()
+) -> anyhow::Result<(LocalConsumer, usize)> {
+    let consumer: LocalConsumer = ClientConfig::new()
         .set("bootstrap.servers", &cfg.kafka.brokers)
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         .set("fetch.message.max.bytes", "67108864")
         .set("log.connection.close", "false")
-        .create()?;
+        .create_with_context(QuietEof)?;
     let partitions = loop {
         let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(5));
         if let Ok(md) = md
@@ -243,7 +263,11 @@ pub async fn run(
             }
         }
     }
-    // Offsets of what the cloud already has; the rest is sent again after the restart.
+    // Give what is in flight a moment to reach the cloud, then checkpoint what did; the rest
+    // is sent again after the restart.
+    let producer = r.producer.clone();
+    let _ = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(5))).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
     while let Ok(done) = acks.try_recv() {
         done.into_iter()
             .for_each(|(t, p, o)| r.tracker.done(&t, p, o));
@@ -258,12 +282,7 @@ pub async fn run(
     Ok(())
 }
 
-fn commit(
-    positions: &[Pos],
-    results_topic: &str,
-    results: &StreamConsumer,
-    frames: &StreamConsumer,
-) {
+fn commit(positions: &[Pos], results_topic: &str, results: &LocalConsumer, frames: &LocalConsumer) {
     for (topic, partition, next) in positions {
         let mut tpl = TopicPartitionList::new();
         if tpl
@@ -543,7 +562,20 @@ impl Replicator {
             let n = futures.len();
             for f in futures {
                 match f.await {
-                    Ok(Ok(_)) => {}
+                    Ok(Ok(_)) => {
+                        Stats::incr(&stats.uplink_acked);
+                    }
+                    // Purged because the producer is closing: not in the cloud, so not done; it
+                    // is sent again after the restart.
+                    Ok(Err((
+                        KafkaError::MessageProduction(
+                            RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight,
+                        ),
+                        _,
+                    ))) => {
+                        in_flight.fetch_sub(n, Ordering::Relaxed);
+                        return;
+                    }
                     Ok(Err((e, _))) => {
                         Stats::incr(&stats.delivery_failures);
                         log::error!("uplink: the cloud refused a record: {e}");
