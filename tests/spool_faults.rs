@@ -152,6 +152,11 @@ fn sigkill_at_random_moments_loses_no_acknowledged_frame() {
     assert_all_arrived(&kafka, &expected(3, per_camera), Duration::from_secs(120));
 }
 
+/// (camera, sequence) for sequences 1..=count.
+fn numbered(camera: &str, count: u64) -> HashSet<(String, u64)> {
+    (1..=count).map(|s| (camera.to_string(), s)).collect()
+}
+
 fn publish_numbered(mqtt: &Mosquitto, camera: &str, count: u64, image: &[u8]) {
     use fovea_proto::v1::Frame;
     use prost::Message as _;
@@ -196,7 +201,7 @@ fn full_spool_drops_the_oldest_frames_and_counts_every_drop() {
     wait_log(&node, "spooled: 20 frame(s) acked", Duration::from_secs(60));
 
     let kafka = Kafka::start_on(dir.path(), "edge", kafka_port);
-    let all: HashSet<(String, u64)> = (1..=20).map(|s| ("full".to_string(), s)).collect();
+    let all = numbered("full", 20);
     let results = wait_for_all(
         &kafka,
         "fovea.results",
@@ -248,7 +253,7 @@ fn full_spool_with_backpressure_keeps_every_frame() {
         "backpressure did not hold frames back"
     );
     let kafka = Kafka::start_on(dir.path(), "edge", kafka_port);
-    let all: HashSet<(String, u64)> = (1..=12).map(|s| ("full".to_string(), s)).collect();
+    let all = numbered("full", 12);
     let frames = wait_for_all(
         &kafka,
         "fovea.frames",
@@ -326,7 +331,7 @@ fn broker_down_at_start_then_appearing_gets_everything() {
     publish_numbered(&mqtt, "early", 5, &shared_image("coffee.png"));
     wait_log(&node, "spooled: 5 frame(s) acked", Duration::from_secs(60));
     let kafka = Kafka::start_on(dir.path(), "edge", kafka_port);
-    let all: HashSet<(String, u64)> = (1..=5).map(|s| ("early".to_string(), s)).collect();
+    let all = numbered("early", 5);
     let results = wait_for_all(
         &kafka,
         "fovea.results",

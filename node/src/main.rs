@@ -67,6 +67,11 @@ fn validate(path: &std::path::Path) -> ExitCode {
     }
 }
 
+/// Loads a config file; the error names the file and lists every problem.
+fn load_config(path: &std::path::Path) -> anyhow::Result<config::Config> {
+    config::load(path).map_err(|e| anyhow::anyhow!("{}:\n{e}", path.display()))
+}
+
 fn spool_command(command: SpoolCommand) -> anyhow::Result<ExitCode> {
     let dir = |target: SpoolTarget| -> anyhow::Result<std::path::PathBuf> {
         if let Some(dir) = target.dir {
@@ -75,7 +80,7 @@ fn spool_command(command: SpoolCommand) -> anyhow::Result<ExitCode> {
         let path = target
             .config
             .unwrap_or_else(|| "/etc/fovea/fovea.toml".into());
-        let cfg = config::load(&path).map_err(|e| anyhow::anyhow!("{}:\n{e}", path.display()))?;
+        let cfg = load_config(&path)?;
         Ok(cfg.spool_dir())
     };
     match command {
@@ -120,8 +125,7 @@ fn run(command: Command, log_level: Option<&str>) -> anyhow::Result<()> {
             config,
             drain_timeout,
         } => {
-            let cfg =
-                config::load(&config).map_err(|e| anyhow::anyhow!("{}:\n{e}", config.display()))?;
+            let cfg = load_config(&config)?;
             logging::init(&cfg.log, log_level)?;
             runtime.block_on(run_node(cfg, Duration::from_secs(drain_timeout)))
         }
@@ -134,8 +138,7 @@ fn run(command: Command, log_level: Option<&str>) -> anyhow::Result<()> {
             tools::tail::run(args)
         }
         Command::Status { config } => {
-            let cfg =
-                config::load(&config).map_err(|e| anyhow::anyhow!("{}:\n{e}", config.display()))?;
+            let cfg = load_config(&config)?;
             logging::init(&cfg.log, log_level.or(Some("error")))?;
             print!("{}", fovea::uplink::status::report(&cfg));
             Ok(())
@@ -151,14 +154,12 @@ fn run(command: Command, log_level: Option<&str>) -> anyhow::Result<()> {
             Ok(())
         }
         Command::BenchUplink(args) => {
-            let cfg = config::load(&args.config)
-                .map_err(|e| anyhow::anyhow!("{}:\n{e}", args.config.display()))?;
+            let cfg = load_config(&args.config)?;
             logging::init(&cfg.log, log_level.or(Some("warn")))?;
             runtime.block_on(tools::bench_uplink::run(args, cfg))
         }
         Command::Bench(args) => {
-            let cfg = config::load(&args.config)
-                .map_err(|e| anyhow::anyhow!("{}:\n{e}", args.config.display()))?;
+            let cfg = load_config(&args.config)?;
             logging::init(&cfg.log, log_level.or(Some("warn")))?;
             runtime.block_on(tools::bench::run(args, cfg))
         }

@@ -625,18 +625,6 @@ pub fn frames_by_frame(records: &[OwnedMessage]) -> ByFrame {
     out
 }
 
-/// A PNG of `side` x `side` noise pixels (~3 bytes a pixel: noise does not compress), different
-/// for each seed. Sizes: side 183 ~ 100 KB, 606 ~ 1.1 MB, 1155 ~ 4 MB, 4083 ~ 50 MB.
-pub fn noise_png(side: u32, seed: u32) -> Vec<u8> {
-    let mut state = 0x2545_f491_u32 ^ seed.wrapping_mul(0x9e37_79b9);
-    let img = image::RgbImage::from_fn(side, side, |_, _| {
-        state ^= state << 13;
-        state ^= state >> 17;
-        state ^= state << 5;
-        image::Rgb([state as u8, (state >> 8) as u8, (state >> 16) as u8])
-    });
-    let mut out = Vec::new();
-    img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
-        .expect("png");
-    out
-}
+/// Noise PNGs (side 183 ~ 100 KB, 606 ~ 1.1 MB, 1155 ~ 4 MB, 4083 ~ 50 MB): the bench's generator.
+#[allow(unused_imports)] // not every test binary makes large frames
+pub use fovea::tools::bench::noise_png;

@@ -146,7 +146,9 @@ pub async fn run(args: BenchArgs, cfg: Config) -> anyhow::Result<()> {
 fn make_frames(args: &BenchArgs, w: u32, h: u32) -> anyhow::Result<Vec<Bytes>> {
     if let Some(mb) = args.noise_mb {
         let side = ((mb * 1e6 / 3.0).sqrt()) as u32;
-        return (0..4u32).map(|seed| noise_png(side, seed)).collect();
+        return Ok((0..4u32)
+            .map(|seed| Bytes::from(noise_png(side, seed)))
+            .collect());
     }
     read_images(&args.images)?
         .into_iter()
@@ -171,9 +173,10 @@ fn sniffed(data: &[u8]) -> &'static str {
     crate::ingress::payload::sniff(data).unwrap_or(crate::ingress::payload::JPEG)
 }
 
-/// A PNG of random pixels (noise does not compress: ~3 bytes a pixel).
-fn noise_png(side: u32, seed: u32) -> anyhow::Result<Bytes> {
-    let mut state = 0x2545_f491_u32 ^ seed.wrapping_mul(0x9e37_79b9).max(1);
+/// A PNG of `side` x `side` random pixels (~3 bytes a pixel: noise does not compress), different
+/// for each seed. Used for large-frame benchmarks and tests.
+pub fn noise_png(side: u32, seed: u32) -> Vec<u8> {
+    let mut state = 0x2545_f491_u32 ^ seed.wrapping_mul(0x9e37_79b9);
     let img = image::RgbImage::from_fn(side, side, |_, _| {
         state ^= state << 13;
         state ^= state >> 17;
@@ -181,8 +184,9 @@ fn noise_png(side: u32, seed: u32) -> anyhow::Result<Bytes> {
         image::Rgb([state as u8, (state >> 8) as u8, (state >> 16) as u8])
     });
     let mut out = Vec::new();
-    img.write_to(&mut Cursor::new(&mut out), image::ImageFormat::Png)?;
-    Ok(Bytes::from(out))
+    // Encoding into memory cannot fail for an RGB image.
+    let _ = img.write_to(&mut Cursor::new(&mut out), image::ImageFormat::Png);
+    out
 }
 
 /// Frames/s of `workers` threads doing what a worker does, without MQTT or Kafka.
