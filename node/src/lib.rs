@@ -8,6 +8,8 @@
 //! - [`pipeline`]: the wiring: bounded queue, worker threads, per-camera ordering, shutdown.
 //! - [`outbox`]: Kafka records (and the size policy), the producer, topic creation.
 //! - [`stats`]: counters and stage latencies.
+//! - [`metrics`]: the Prometheus exposition of those.
+//! - [`service`]: systemd notifications and watchdog, health, the `/metrics` endpoint.
 //! - [`spool`]: the durable buffer while the local broker is away.
 //! - [`blobstore`]: claim checks for large frames.
 //! - [`uplink`]: replication to the cloud cluster.
@@ -20,8 +22,10 @@ pub mod config;
 pub mod inference;
 pub mod ingress;
 pub mod logging;
+pub mod metrics;
 pub mod outbox;
 pub mod pipeline;
+pub mod service;
 pub mod spool;
 pub mod stats;
 pub mod tools;

@@ -3,9 +3,8 @@
 
 use clap::Parser;
 use fovea::cli::{Cli, Command, FramesCommand, SpoolCommand, SpoolTarget};
-use fovea::{config, logging, pipeline, stats::Stats, tools};
+use fovea::{config, logging, pipeline, tools};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 fn main() -> ExitCode {
@@ -127,7 +126,13 @@ fn run(command: Command, log_level: Option<&str>) -> anyhow::Result<()> {
         } => {
             let cfg = load_config(&config)?;
             logging::init(&cfg.log, log_level)?;
-            runtime.block_on(run_node(cfg, Duration::from_secs(drain_timeout)))
+            let outcome = runtime.block_on(fovea::service::run::run(
+                cfg,
+                Duration::from_secs(drain_timeout),
+            ));
+            // Past the drain deadline (or after a second signal) nothing is worth waiting for.
+            runtime.shutdown_timeout(Duration::from_millis(500));
+            outcome
         }
         Command::Camera(args) => {
             logging::init(&config::LogConfig::default(), log_level)?;
@@ -167,38 +172,4 @@ fn run(command: Command, log_level: Option<&str>) -> anyhow::Result<()> {
             unreachable!("handled in main")
         }
     }
-}
-
-/// Runs the node until SIGTERM or SIGINT, then drains for at most `drain`; a second signal, or
-/// the deadline, ends the process at once (un-acked frames are redelivered by the MQTT broker).
-async fn run_node(cfg: config::Config, drain: Duration) -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let prepared = pipeline::prepare(cfg)?;
-    let stats = Arc::new(Stats::default());
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut node = tokio::spawn(pipeline::run(prepared, stop_rx, stats.clone()));
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        result = &mut node => return result?,
-        _ = term.recv() => log::info!("SIGTERM: draining (at most {} s)", drain.as_secs()),
-        _ = int.recv() => log::info!("SIGINT: draining (at most {} s)", drain.as_secs()),
-    }
-    let _ = stop_tx.send(true);
-    tokio::select! {
-        result = &mut node => result??,
-        _ = tokio::time::sleep(drain) => log::warn!("drain deadline passed; exiting with frames in flight (they will be redelivered)"),
-        _ = term.recv() => log::warn!("second signal: exiting now"),
-        _ = int.recv() => log::warn!("second signal: exiting now"),
-    }
-    log::info!(
-        "stopped: {} frames in, {} acked, {} results, {} frames, {} dead letters, {} skipped",
-        Stats::get(&stats.frames_in),
-        Stats::get(&stats.acked),
-        Stats::get(&stats.results_out),
-        Stats::get(&stats.frames_out),
-        Stats::get(&stats.dead_letters),
-        Stats::get(&stats.skipped_stale)
-    );
-    Ok(())
 }

@@ -1,11 +1,16 @@
 //! Counters and per-stage latencies of the pipeline, shared by every stage.
 //!
-//! Kept deliberately simple (atomics and a bounded sample buffer per stage) so that the hot path
-//! pays a few nanoseconds; the benchmark and the end-of-run log read it. The Prometheus endpoint
-//! (a later issue) will export the same numbers.
+//! Kept deliberately simple (atomics, a fixed-bucket histogram and a bounded sample buffer per
+//! stage) so that the hot path pays a few nanoseconds. The benchmark reads the samples (exact
+//! quantiles); the Prometheus endpoint ([`crate::metrics`]) renders everything else.
 
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use crate::metrics::histogram::Histogram;
+use crate::outbox::state::Mode;
+use crate::service::liveness::Liveness;
+use crate::spool::{Class, SpoolStats};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Samples kept per stage; older ones are overwritten (a ring), so memory stays bounded.
@@ -21,9 +26,17 @@ pub enum Stage {
     Kafka,
     /// MQTT arrival -> PUBACK sent (the whole path).
     Total,
+    /// Result or frame in the local broker -> acknowledged by the cloud (the uplink).
+    Replication,
 }
 
-pub const STAGES: [Stage; 4] = [Stage::Queue, Stage::Inference, Stage::Kafka, Stage::Total];
+pub const STAGES: [Stage; 5] = [
+    Stage::Queue,
+    Stage::Inference,
+    Stage::Kafka,
+    Stage::Total,
+    Stage::Replication,
+];
 
 impl Stage {
     pub fn name(self) -> &'static str {
@@ -32,7 +45,12 @@ impl Stage {
             Stage::Inference => "inference",
             Stage::Kafka => "kafka",
             Stage::Total => "total",
+            Stage::Replication => "replication",
         }
+    }
+
+    fn index(self) -> usize {
+        self as usize
     }
 }
 
@@ -56,7 +74,23 @@ pub struct Stats {
     pub uplink_filtered: AtomicU64,
     /// Uplink records the cloud acknowledged.
     pub uplink_acked: AtomicU64,
-    samples: [Mutex<Ring>; 4],
+    /// Records in the local broker not yet replicated (past the uplink's checkpoint), by local
+    /// topic, from librdkafka's consumer statistics; empty until known.
+    pub uplink_lag: Mutex<BTreeMap<String, i64>>,
+    /// Dead letters written, by their kind (`decode-failed`, `too-large`, ...).
+    pub rejected: Mutex<BTreeMap<String, u64>>,
+    /// The spool's figures, refreshed by the outbox about once a second.
+    pub spool: Mutex<Option<SpoolStats>>,
+    /// The outbox's delivery mode ([`Mode`]), see [`Stats::local_broker`].
+    local_broker: AtomicU8,
+    /// Whether the MQTT session is up (CONNACK seen, no error since).
+    pub mqtt_connected: AtomicBool,
+    /// What each stage is doing, for the watchdog and `/healthz`.
+    pub liveness: Liveness,
+    histograms: [Histogram; STAGES.len()],
+    /// ONNX Runtime time per model (one frame, one model).
+    per_model: Mutex<BTreeMap<String, Arc<Histogram>>>,
+    samples: [Mutex<Ring>; STAGES.len()],
 }
 
 #[derive(Debug, Default)]
@@ -72,7 +106,8 @@ impl Stats {
 
     pub fn record(&self, stage: Stage, d: Duration) {
         let us = d.as_micros().min(u32::MAX as u128) as u32;
-        let idx = STAGES.iter().position(|s| *s == stage).unwrap_or(0);
+        let idx = stage.index();
+        self.histograms[idx].observe(d);
         if let Ok(mut ring) = self.samples[idx].lock() {
             if ring.values_us.len() < MAX_SAMPLES {
                 ring.values_us.push(us);
@@ -86,8 +121,7 @@ impl Stats {
 
     /// The q-quantile (0..=1) of a stage's recorded latencies, or None without samples.
     pub fn quantile(&self, stage: Stage, q: f64) -> Option<Duration> {
-        let idx = STAGES.iter().position(|s| *s == stage)?;
-        let mut v = self.samples[idx].lock().ok()?.values_us.clone();
+        let mut v = self.samples[stage.index()].lock().ok()?.values_us.clone();
         if v.is_empty() {
             return None;
         }
@@ -98,6 +132,66 @@ impl Stats {
 
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+
+    /// The counter of records of `class` the local broker acknowledged (straight or drained).
+    pub fn delivered(&self, class: Class) -> &AtomicU64 {
+        match class {
+            Class::Frame => &self.frames_out,
+            Class::Result => &self.results_out,
+            Class::DeadLetter => &self.dead_letters,
+        }
+    }
+
+    pub fn histogram(&self, stage: Stage) -> &Histogram {
+        &self.histograms[stage.index()]
+    }
+
+    /// Records one model's inference time on one frame.
+    pub fn record_model(&self, model: &str, d: Duration) {
+        let h = {
+            let Ok(mut map) = self.per_model.lock() else {
+                return;
+            };
+            map.entry(model.to_string()).or_default().clone()
+        };
+        h.observe(d);
+    }
+
+    /// Per-model inference histograms, by model name.
+    pub fn model_histograms(&self) -> Vec<(String, Arc<Histogram>)> {
+        self.per_model
+            .lock()
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default()
+    }
+
+    /// Counts a dead letter of `kind`.
+    pub fn reject(&self, kind: &str) {
+        if let Ok(mut map) = self.rejected.lock() {
+            *map.entry(kind.to_string()).or_default() += 1;
+        }
+    }
+
+    pub fn set_local_broker(&self, mode: Mode) {
+        let code = match mode {
+            Mode::Online => 1,
+            Mode::Slow => 2,
+            Mode::Offline => 3,
+            Mode::CatchUp => 4,
+        };
+        self.local_broker.store(code, Ordering::Relaxed);
+    }
+
+    /// The outbox's delivery mode, or None before the outbox started.
+    pub fn local_broker(&self) -> Option<Mode> {
+        match self.local_broker.load(Ordering::Relaxed) {
+            1 => Some(Mode::Online),
+            2 => Some(Mode::Slow),
+            3 => Some(Mode::Offline),
+            4 => Some(Mode::CatchUp),
+            _ => None,
+        }
     }
 }
 
@@ -126,5 +220,16 @@ mod tests {
         }
         s.record(Stage::Kafka, Duration::from_micros(7));
         assert_eq!(s.samples[2].lock().unwrap().values_us.len(), MAX_SAMPLES);
+        assert_eq!(s.histogram(Stage::Kafka).count(), MAX_SAMPLES as u64 + 11);
+    }
+
+    #[test]
+    fn local_broker_mode_round_trips() {
+        let s = Stats::default();
+        assert_eq!(s.local_broker(), None);
+        for mode in [Mode::Online, Mode::Slow, Mode::Offline, Mode::CatchUp] {
+            s.set_local_broker(mode);
+            assert_eq!(s.local_broker(), Some(mode));
+        }
     }
 }

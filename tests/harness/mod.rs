@@ -327,6 +327,15 @@ onnxruntime_library = "{ort}"
 [large_frames]
 {large_extra}
 
+[metrics]
+listen = "127.0.0.1:{metrics_port}"
+
+[health]
+{health_extra}
+
+[spool]
+{spool_extra}
+
 [[models]]
 path = "{models}/efficientnet-lite0"
 
@@ -343,6 +352,9 @@ models = ["efficientnet-lite0", "ssdlite-person"]
         kafka_extra = section(extra, "kafka"),
         inference_extra = section(extra, "inference"),
         large_extra = section(extra, "large_frames"),
+        metrics_port = free_port(),
+        health_extra = section(extra, "health"),
+        spool_extra = section(extra, "spool"),
         ort = ort_library().display(),
         models = models.display(),
     )
@@ -392,6 +404,11 @@ impl Node {
     }
 
     fn launch(dir: &Path) -> Node {
+        Node::launch_with(dir, &[], &[])
+    }
+
+    /// Starts `fovea run` with the config already in `dir`, extra arguments and environment.
+    pub fn launch_with(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Node {
         let path = dir.join("fovea.toml");
         let log = dir.join(format!("fovea-{}.log", now_ms()));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_fovea"));
@@ -399,7 +416,9 @@ impl Node {
             .arg("--config")
             .arg(&path)
             .arg("--log-level")
-            .arg("debug");
+            .arg("debug")
+            .args(args)
+            .envs(env.iter().copied());
         let child = spawn_logged(&mut cmd, &log);
         let mut node = Node {
             proc: Proc { child, log },
@@ -421,6 +440,36 @@ impl Node {
         }
         node
     }
+}
+
+impl Node {
+    /// `GET path` on the node's metrics endpoint: (status, body).
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        let config = std::fs::read_to_string(self.dir.join("fovea.toml")).expect("config");
+        let table: toml::Table = config.parse().expect("config TOML");
+        let listen = table["metrics"]["listen"].as_str().expect("metrics.listen");
+        let mut stream = std::net::TcpStream::connect(listen).expect("metrics endpoint");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        use std::io::Write as _;
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: {listen}\r\n\r\n").expect("request");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("response");
+        let (head, body) = response.split_once("\r\n\r\n").expect("HTTP response");
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .expect("status code");
+        (status, body.to_string())
+    }
+}
+
+/// The value of one series (`name{labels}` exactly as rendered) in a Prometheus text body.
+pub fn metric(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
 /// Publishes `(topic, payload)` pairs with QoS 1 and waits until the broker acked them all.

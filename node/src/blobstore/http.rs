@@ -211,7 +211,7 @@ async fn send_simple(
 }
 
 /// `write_all`, failing when the peer takes nothing for [`WRITE_STALL`].
-async fn write_stalling(out: &mut TcpStream, bytes: &[u8]) -> io::Result<()> {
+pub(crate) async fn write_stalling(out: &mut TcpStream, bytes: &[u8]) -> io::Result<()> {
     timeout(WRITE_STALL, out.write_all(bytes))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "client stopped reading"))?
@@ -220,7 +220,7 @@ async fn write_stalling(out: &mut TcpStream, bytes: &[u8]) -> io::Result<()> {
 /// Closes after a response: FIN first, then reads (and drops) what the client still sends for
 /// up to a second, so that unread request bytes do not turn the close into a reset that could
 /// destroy the response before the client read it.
-async fn linger_close(mut conn: BufReader<TcpStream>) {
+pub(crate) async fn linger_close(mut conn: BufReader<TcpStream>) {
     if conn.get_mut().shutdown().await.is_err() {
         return;
     }
@@ -237,7 +237,7 @@ async fn linger_close(mut conn: BufReader<TcpStream>) {
     .await;
 }
 
-fn reason(status: u16) -> &'static str {
+pub(crate) fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
         400 => "Bad Request",
@@ -245,12 +245,13 @@ fn reason(status: u16) -> &'static str {
         405 => "Method Not Allowed",
         408 => "Request Timeout",
         431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
         _ => "Internal Server Error",
     }
 }
 
 /// `METHOD /path HTTP/1.x` -> (method, path).
-fn parse_request_line(line: &str) -> Option<(&str, &str)> {
+pub(crate) fn parse_request_line(line: &str) -> Option<(&str, &str)> {
     let mut parts = line.split(' ');
     let (method, target, version) = (parts.next()?, parts.next()?, parts.next()?);
     let ok = parts.next().is_none()
@@ -261,14 +262,14 @@ fn parse_request_line(line: &str) -> Option<(&str, &str)> {
     ok.then_some((method, target))
 }
 
-enum HeadError {
+pub(crate) enum HeadError {
     TooLarge,
     Io(io::Error),
 }
 
 /// Reads a message head: lines up to the empty one, at most `limit` bytes in all. Returns the
 /// lines without their line ends; the first is the request or status line.
-async fn read_head<R: AsyncBufRead + Unpin>(
+pub(crate) async fn read_head<R: AsyncBufRead + Unpin>(
     r: &mut R,
     limit: u64,
 ) -> Result<Vec<String>, HeadError> {

@@ -55,7 +55,7 @@
 //! connections at once, and a response dropped when its client reads nothing for 30 s.
 
 mod error;
-mod http;
+pub(crate) mod http;
 mod store;
 
 #[cfg(test)]

@@ -15,6 +15,8 @@ impl Default for Config {
             spool: SpoolConfig::default(),
             large_frames: LargeFramesConfig::default(),
             uplink: UplinkConfig::default(),
+            metrics: MetricsConfig::default(),
+            health: HealthConfig::default(),
             // The two models the packages install, so a fresh install infers something.
             models: ["efficientnet-lite0", "ssdlite-person"]
                 .into_iter()
@@ -26,6 +28,25 @@ impl Default for Config {
                 cameras: "*".into(),
                 models: vec!["efficientnet-lite0".into(), "ssdlite-person".into()],
             }],
+        }
+    }
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        // Loopback: the figures say what the cameras see; expose them deliberately.
+        Self {
+            listen: "127.0.0.1:9464".into(),
+        }
+    }
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        // Far above a big frame's decode + inference on a small ARM core (seconds), far below
+        // what an operator would tolerate a silent node for.
+        Self {
+            stall_after_ms: 60_000,
         }
     }
 }

@@ -17,10 +17,29 @@ pub struct Config {
     pub spool: SpoolConfig,
     pub large_frames: LargeFramesConfig,
     pub uplink: UplinkConfig,
+    pub metrics: MetricsConfig,
+    pub health: HealthConfig,
     /// The models this node loads; each entry is a folder holding `manifest.toml`.
     pub models: Vec<ModelRef>,
     /// Which models run on which cameras; the first route whose pattern matches wins.
     pub routes: Vec<Route>,
+}
+
+/// The HTTP endpoint for Prometheus and health checks.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct MetricsConfig {
+    /// `address:port` serving `/metrics`, `/healthz` and `/readyz`; empty = no endpoint.
+    pub listen: String,
+}
+
+/// When the node counts as unhealthy (and stops feeding systemd's watchdog).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct HealthConfig {
+    /// A stage stuck this long on one piece of work (a worker on one frame, the outbox loop not
+    /// turning) makes the node unhealthy.
+    pub stall_after_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]

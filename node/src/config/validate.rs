@@ -46,6 +46,7 @@ pub(super) fn validate(config: &Config) -> Vec<Problem> {
     inference(config, &mut p);
     spool(config, &mut p);
     large_frames(config, &mut p);
+    service(config, &mut p);
     uplink(config, &mut p);
     models_and_routes(config, &mut p);
     p.0
@@ -358,6 +359,23 @@ fn large_frames(config: &Config, p: &mut Problems) {
         lf.public_url.is_empty() || lf.public_url.starts_with("http://"),
         "large_frames.public_url",
         format!("{:?} must start with http://", lf.public_url),
+    );
+}
+
+fn service(config: &Config, p: &mut Problems) {
+    let listen = &config.metrics.listen;
+    p.check(
+        listen.is_empty() || listen.parse::<std::net::SocketAddr>().is_ok(),
+        "metrics.listen",
+        format!("{listen:?} is not empty or an address:port such as 127.0.0.1:9464"),
+    );
+    p.check(
+        (100..=3_600_000).contains(&config.health.stall_after_ms),
+        "health.stall_after_ms",
+        format!(
+            "{} is outside 100..=3600000 (0.1 s to an hour)",
+            config.health.stall_after_ms
+        ),
     );
 }
 

@@ -16,6 +16,7 @@ use bytes::Bytes;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use tokio::sync::{mpsc::UnboundedSender, watch};
@@ -127,6 +128,7 @@ impl Ingress {
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     backoff.reset();
+                    self.stats.mqtt_connected.store(true, Ordering::Relaxed);
                     log::info!(
                         "mqtt connected to {}:{} (session present: {})",
                         self.cfg.host,
@@ -164,6 +166,7 @@ impl Ingress {
                 }
                 Ok(_) => {}
                 Err(e) => {
+                    self.stats.mqtt_connected.store(false, Ordering::Relaxed);
                     let delay = backoff.next_delay();
                     log::warn!(
                         "mqtt connection to {}:{} failed (attempt {}): {e}; retrying in {} ms",

@@ -23,6 +23,7 @@ use crate::pipeline::job::{Done, JobMeta, now_ms};
 use crate::pipeline::sequencer::Sequencer;
 use crate::spool::{Appended, Class, Spool, SpoolRecord, WhenFull};
 use crate::stats::{Stage, Stats};
+use fovea_proto::headers as h;
 use rdkafka::producer::{FutureProducer, Producer};
 use records::{Naming, RecordKind};
 use state::{Event, Mode};
@@ -37,6 +38,8 @@ use tokio::task::JoinSet;
 const DRAIN_WINDOW: usize = 256;
 /// Drops are logged at most this often (they are counted always).
 const DROP_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// How often the spool's figures are copied out for the metrics endpoint.
+const SPOOL_STATS_INTERVAL: Duration = Duration::from_secs(1);
 
 pub struct Outbox {
     pub producer: FutureProducer,
@@ -86,6 +89,7 @@ struct Run {
     last_drop_log: Instant,
     /// Frames acked because their records were spooled, since start.
     spool_acked: u64,
+    last_spool_stats: Option<Instant>,
 }
 
 impl Outbox {
@@ -107,11 +111,14 @@ impl Outbox {
             drops: BTreeMap::new(),
             last_drop_log: Instant::now(),
             spool_acked: 0,
+            last_spool_stats: None,
         };
         let mut sequencer = Sequencer::default();
         let mut tick = tokio::time::interval(Duration::from_millis(20));
         let mut open = true;
+        self.stats.set_local_broker(run.mode);
         loop {
+            self.stats.liveness.outbox_turned();
             tokio::select! {
                 item = done.recv(), if open && run.held.is_empty() => match item {
                     Some(item) => {
@@ -145,11 +152,26 @@ impl Outbox {
         if let Err(e) = tokio::task::block_in_place(|| self.spool.flush()) {
             log::error!("spool flush at shutdown: {e}");
         }
+        self.publish_spool_stats();
+        self.stats.liveness.outbox_stopped();
+    }
+
+    /// Copies the spool's figures to [`Stats::spool`] for the metrics endpoint.
+    fn publish_spool_stats(&self) {
+        let figures = self.spool.stats();
+        if let Ok(mut slot) = self.stats.spool.lock() {
+            *slot = Some(figures);
+        }
     }
 
     /// Sends a job's records straight to the broker, or queues them for the spool.
     async fn write(&mut self, done: Done, run: &mut Run) {
         let records = records::plan(&done, &self.naming);
+        for letter in records.iter().filter(|r| r.kind == RecordKind::DeadLetter) {
+            let kind = letter.headers.iter().find(|(k, _)| *k == h::ERROR_KIND);
+            self.stats
+                .reject(kind.map_or("unknown", |(_, v)| v.as_str()));
+        }
         if run.mode == Mode::Online
             && run.inflight_bytes.load(Ordering::Relaxed) > self.spool_cfg.slow_inflight_bytes
         {
@@ -186,11 +208,7 @@ impl Outbox {
             let mut failed = Vec::new();
             for (kind, future) in futures {
                 match future.await {
-                    Ok(Ok(_)) => Stats::incr(match kind {
-                        RecordKind::Frame => &stats.frames_out,
-                        RecordKind::Result => &stats.results_out,
-                        RecordKind::DeadLetter => &stats.dead_letters,
-                    }),
+                    Ok(Ok(_)) => Stats::incr(stats.delivered(convert::class_of(kind))),
                     Ok(Err((e, msg))) => {
                         log::debug!(
                             "{kind:?} record for camera {} not delivered: {e}",
@@ -269,6 +287,13 @@ impl Outbox {
     }
 
     async fn housekeeping(&mut self, run: &mut Run, open: bool) {
+        if run
+            .last_spool_stats
+            .is_none_or(|t| t.elapsed() >= SPOOL_STATS_INTERVAL)
+        {
+            self.publish_spool_stats();
+            run.last_spool_stats = Some(Instant::now());
+        }
         self.remove_drained(run);
         self.spool_held(run).await;
         if run.mode == Mode::Slow
@@ -406,9 +431,12 @@ impl Outbox {
             {
                 Ok(future) => {
                     run.draining.insert(seq, bytes);
-                    let notes = run.notes.clone();
+                    let (notes, stats, class) = (run.notes.clone(), self.stats.clone(), rec.class);
                     tokio::spawn(async move {
                         let ok = matches!(future.await, Ok(Ok(_)));
+                        if ok {
+                            Stats::incr(stats.delivered(class));
+                        }
                         let _ = notes.send(Note::Drained { seq, ok });
                     });
                 }
@@ -441,6 +469,7 @@ impl Outbox {
         if next != run.mode {
             log::info!("outbox: {} -> {} ({event:?})", run.mode.name(), next.name());
             run.mode = next;
+            self.stats.set_local_broker(next);
         }
     }
 

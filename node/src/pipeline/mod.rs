@@ -136,7 +136,11 @@ pub async fn run(
         stats.clone(),
         large,
     );
+    stats.liveness.set_started();
     ingress.run(shutdown, drained_rx).await;
+    stats
+        .mqtt_connected
+        .store(false, std::sync::atomic::Ordering::Relaxed);
 
     outbox_task.await.context("outbox task")?;
     if let Some(uplink) = uplink {

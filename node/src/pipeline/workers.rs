@@ -58,7 +58,9 @@ pub fn spawn(
             .name(format!("fovea-infer-{i}"))
             .spawn(move || {
                 while let Ok(job) = jobs.recv_blocking() {
+                    shared.stats.liveness.worker_busy(i);
                     let finished = process(&shared, &mut engine, job);
+                    shared.stats.liveness.worker_idle(i);
                     if done.send(finished).is_err() {
                         break; // the outbox is gone: shutting down
                     }
@@ -148,7 +150,10 @@ fn infer(
     }
     let mut failures = Vec::new();
     for model in models {
-        match engine.run(&model.name, image) {
+        let started = Instant::now();
+        let output = engine.run(&model.name, image);
+        shared.stats.record_model(&model.name, started.elapsed());
+        match output {
             Ok(output) => result.outputs.push(output),
             Err(e) => failures.push(format!("{}: {e}", model.name)),
         }

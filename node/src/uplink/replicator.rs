@@ -19,7 +19,7 @@ use super::rules::{FrameSelector, Verdict};
 use super::thumbnail::thumbnail;
 use crate::config::{Config, UplinkConfig};
 use crate::outbox::producer::enqueue_parts;
-use crate::stats::Stats;
+use crate::stats::{Stage, Stats};
 use anyhow::Context;
 use fovea_proto::chunks::{self, Aggregator, Limits, Outcome};
 use fovea_proto::headers as h;
@@ -88,10 +88,28 @@ pub struct Replicator {
 }
 
 /// Consumer context that keeps partition-end notices (asked for with `enable.partition.eof`, to
-/// know when the results are caught up) out of the error log.
-pub struct QuietEof;
+/// know when the results are caught up) out of the error log, and copies librdkafka's consumer
+/// lag (records between the committed checkpoint, which follows cloud acks, and the end of the
+/// local partition) to [`Stats::uplink_lag`]: the replication lag in records.
+pub struct LocalContext {
+    stats: Arc<Stats>,
+}
 
-impl rdkafka::ClientContext for QuietEof {
+impl rdkafka::ClientContext for LocalContext {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        for (name, topic) in &statistics.topics {
+            let lag: i64 = topic
+                .partitions
+                .iter()
+                .filter(|(p, part)| **p >= 0 && part.consumer_lag >= 0)
+                .map(|(_, part)| part.consumer_lag)
+                .sum();
+            if let Ok(mut map) = self.stats.uplink_lag.lock() {
+                map.insert(name.clone(), lag);
+            }
+        }
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
         if !matches!(
             error,
@@ -102,9 +120,9 @@ impl rdkafka::ClientContext for QuietEof {
     }
 }
 
-impl rdkafka::consumer::ConsumerContext for QuietEof {}
+impl rdkafka::consumer::ConsumerContext for LocalContext {}
 
-type LocalConsumer = StreamConsumer<QuietEof>;
+type LocalConsumer = StreamConsumer<LocalContext>;
 
 /// Creates the consumer of one local topic for `group`, assigned from its committed offsets
 /// (the beginning when it has none). Waits for the topic to exist: the node creates it when it
@@ -113,6 +131,7 @@ pub async fn local_consumer(
     cfg: &Config,
     group: &str,
     topic: &str,
+    stats: Arc<Stats>,
 ) -> anyhow::Result<(LocalConsumer, usize)> {
     let consumer: LocalConsumer = ClientConfig::new()
         .set("bootstrap.servers", &cfg.kafka.brokers)
@@ -121,7 +140,8 @@ pub async fn local_consumer(
         .set("enable.partition.eof", "true")
         .set("fetch.message.max.bytes", "67108864")
         .set("log.connection.close", "false")
-        .create_with_context(QuietEof)?;
+        .set("statistics.interval.ms", "5000")
+        .create_with_context(LocalContext { stats })?;
     let partitions = loop {
         let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(5));
         if let Ok(md) = md
@@ -194,8 +214,8 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let group = cfg.uplink_group();
     let (results, results_partitions) =
-        local_consumer(&cfg, &group, &cfg.kafka.topics.results).await?;
-    let (frames, _) = local_consumer(&cfg, &group, &cfg.kafka.topics.frames).await?;
+        local_consumer(&cfg, &group, &cfg.kafka.topics.results, stats.clone()).await?;
+    let (frames, _) = local_consumer(&cfg, &group, &cfg.kafka.topics.frames, stats.clone()).await?;
     let (acks_tx, mut acks) = unbounded_channel();
     let u = cfg.uplink.clone();
     let mut r = Replicator {
@@ -340,7 +360,8 @@ impl Replicator {
             value,
         };
         Stats::incr(&self.stats.uplink_results);
-        self.send(vec![out], vec![pos]).await;
+        let stored_ms = m.timestamp().to_millis();
+        self.send(vec![out], vec![pos], stored_ms).await;
     }
 
     async fn on_frame(&mut self, m: &BorrowedMessage<'_>) {
@@ -495,7 +516,7 @@ impl Replicator {
             }
         };
         Stats::incr(&self.stats.uplink_frames);
-        self.send(outs, positions).await;
+        self.send(outs, positions, None).await;
     }
 
     fn with_edge(&self, mut headers: Vec<(String, String)>) -> Vec<(String, String)> {
@@ -523,8 +544,9 @@ impl Replicator {
     }
 
     /// Waits for bandwidth, hands the records to the cloud producer, and reports `positions`
-    /// done once every one of them is acknowledged.
-    async fn send(&mut self, outs: Vec<Out>, positions: Vec<Pos>) {
+    /// done once every one of them is acknowledged. `stored_ms` is when the record reached the
+    /// local broker (its timestamp), for the replication latency.
+    async fn send(&mut self, outs: Vec<Out>, positions: Vec<Pos>, stored_ms: Option<i64>) {
         let mut futures = Vec::with_capacity(outs.len());
         for out in &outs {
             let bytes = out.key.len()
@@ -588,6 +610,10 @@ impl Replicator {
                 }
             }
             in_flight.fetch_sub(n, Ordering::Relaxed);
+            if let Some(ms) = stored_ms {
+                let waited = crate::pipeline::job::now_ms().saturating_sub(ms).max(0);
+                stats.record(Stage::Replication, Duration::from_millis(waited as u64));
+            }
             let _ = acks.send(positions);
         });
     }

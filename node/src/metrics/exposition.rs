@@ -1,0 +1,447 @@
+//! Renders [`Stats`] and [`Health`] in the Prometheus text exposition format (version 0.0.4).
+//!
+//! Names follow Prometheus conventions: `fovea_` prefix, `_total` for counters, `_seconds` and
+//! `_bytes` for units, labels for the dimension that varies (stage, model, kind, reason). The
+//! stages of one frame's way, in order: `queue` (MQTT receive -> a worker takes it), `inference`,
+//! `local_ack` (handed to the producer -> the local broker acknowledged), `total` (MQTT receive ->
+//! PUBACK), and `replication` (in the local broker -> acknowledged by the cloud).
+
+use super::histogram::{BOUNDS, Histogram};
+use crate::outbox::state::Mode;
+use crate::service::health::Health;
+use crate::stats::{STAGES, Stage, Stats};
+use std::fmt::Write as _;
+use std::sync::atomic::AtomicU64;
+
+/// The content type Prometheus expects for this format.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Everything about the process that is not in [`Stats`].
+pub struct Process {
+    pub version: &'static str,
+    pub node_id: String,
+    /// Unix seconds at which the process started.
+    pub start_time: f64,
+}
+
+pub fn render(health: &Health, process: &Process) -> String {
+    let s = &*health.stats;
+    let mut out = Out(String::with_capacity(16 * 1024));
+
+    out.help(
+        "fovea_build_info",
+        "gauge",
+        "Version and node id of this fovea.",
+    );
+    out.line(
+        "fovea_build_info",
+        &[("version", process.version), ("node", &process.node_id)],
+        1.0,
+    );
+    out.help(
+        "process_start_time_seconds",
+        "gauge",
+        "Start time of the process, Unix seconds.",
+    );
+    out.line("process_start_time_seconds", &[], process.start_time);
+    if let Some(rss) = resident_bytes() {
+        out.help(
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory of the process.",
+        );
+        out.line("process_resident_memory_bytes", &[], rss as f64);
+    }
+
+    out.help(
+        "fovea_healthy",
+        "gauge",
+        "1 unless a stage is stalled (then the systemd watchdog is not fed).",
+    );
+    out.line("fovea_healthy", &[], flag(health.live().is_ok()));
+    out.help(
+        "fovea_ready",
+        "gauge",
+        "1 when taking frames, connected to MQTT and the local broker reachable (/readyz).",
+    );
+    out.line("fovea_ready", &[], flag(health.ready()));
+    out.help(
+        "fovea_mqtt_connected",
+        "gauge",
+        "1 while the MQTT session is up.",
+    );
+    out.line(
+        "fovea_mqtt_connected",
+        &[],
+        flag(s.mqtt_connected.load(std::sync::atomic::Ordering::Relaxed)),
+    );
+    out.help(
+        "fovea_local_broker_state",
+        "gauge",
+        "Delivery mode of the outbox: 1 for the current one.",
+    );
+    let current = s.local_broker();
+    for mode in [Mode::Online, Mode::Slow, Mode::Offline, Mode::CatchUp] {
+        out.line(
+            "fovea_local_broker_state",
+            &[("state", mode.name())],
+            flag(current == Some(mode)),
+        );
+    }
+
+    counters(&mut out, s);
+    spool(&mut out, s);
+    uplink(&mut out, s);
+
+    out.help(
+        "fovea_stage_duration_seconds",
+        "histogram",
+        "Time each stage of a frame's way took: queue, inference, local_ack, total (MQTT receive to PUBACK), replication (local broker to cloud ack).",
+    );
+    for stage in STAGES {
+        out.histogram(
+            "fovea_stage_duration_seconds",
+            ("stage", stage_label(stage)),
+            s.histogram(stage),
+        );
+    }
+    out.help(
+        "fovea_model_inference_seconds",
+        "histogram",
+        "ONNX Runtime time of one model on one frame.",
+    );
+    for (model, h) in s.model_histograms() {
+        out.histogram("fovea_model_inference_seconds", ("model", &model), &h);
+    }
+    out.0
+}
+
+fn counters(out: &mut Out, s: &Stats) {
+    let simple: [(&str, &str, &AtomicU64); 7] = [
+        (
+            "fovea_frames_received_total",
+            "Frames taken from MQTT (whole frames, after chunk reassembly).",
+            &s.frames_in,
+        ),
+        (
+            "fovea_frames_acked_total",
+            "Frames acknowledged to MQTT: every record durable in the local broker or the spool.",
+            &s.acked,
+        ),
+        (
+            "fovea_frames_skipped_total",
+            "Frames stored but not inferred because they were stale (when_behind = skip_stale).",
+            &s.skipped_stale,
+        ),
+        (
+            "fovea_records_spooled_total",
+            "Records written to the disk spool because the local broker was away or slow.",
+            &s.spooled,
+        ),
+        (
+            "fovea_records_drained_total",
+            "Spooled records delivered to the local broker.",
+            &s.drained,
+        ),
+        (
+            "fovea_frames_dropped_total",
+            "Spooled frames dropped to make room (spool full; see fovea_spool_dropped_records).",
+            &s.spool_dropped,
+        ),
+        (
+            "fovea_delivery_failures_total",
+            "Records the producer refused or a broker failed (they are spooled or retried).",
+            &s.delivery_failures,
+        ),
+    ];
+    for (name, help, counter) in simple {
+        out.help(name, "counter", help);
+        out.line(name, &[], Stats::get(counter) as f64);
+    }
+    out.help(
+        "fovea_records_delivered_total",
+        "counter",
+        "Records the local broker acknowledged (sent straight or drained from the spool), by kind; a chunked frame counts each chunk.",
+    );
+    for (kind, counter) in [
+        ("frame", &s.frames_out),
+        ("result", &s.results_out),
+        ("dead_letter", &s.dead_letters),
+    ] {
+        out.line(
+            "fovea_records_delivered_total",
+            &[("kind", kind)],
+            Stats::get(counter) as f64,
+        );
+    }
+    out.help(
+        "fovea_frames_rejected_total",
+        "counter",
+        "Frames turned into dead letters, by reason.",
+    );
+    let rejected = s.rejected.lock().map(|m| m.clone()).unwrap_or_default();
+    for (reason, n) in rejected {
+        out.line(
+            "fovea_frames_rejected_total",
+            &[("reason", &reason)],
+            n as f64,
+        );
+    }
+}
+
+fn spool(out: &mut Out, s: &Stats) {
+    let Some(spool) = s.spool.lock().ok().and_then(|g| g.clone()) else {
+        return;
+    };
+    out.help("fovea_spool_bytes", "gauge", "Record bytes in the spool.");
+    out.line("fovea_spool_bytes", &[], spool.total_bytes as f64);
+    out.help("fovea_spool_max_bytes", "gauge", "The spool's byte bound.");
+    out.line("fovea_spool_max_bytes", &[], spool.max_bytes as f64);
+    out.help(
+        "fovea_spool_records",
+        "gauge",
+        "Records in the spool, by class.",
+    );
+    let mut classes: Vec<_> = spool.records.iter().collect();
+    classes.sort_by_key(|(c, _)| c.name());
+    for (class, n) in classes {
+        out.line("fovea_spool_records", &[("class", class.name())], *n as f64);
+    }
+    out.help(
+        "fovea_spool_oldest_age_seconds",
+        "gauge",
+        "Age of the oldest spooled record: how far the local broker is behind (0 when empty).",
+    );
+    let age = spool.oldest_created_ms.map_or(0.0, |ms| {
+        (crate::pipeline::job::now_ms() - ms).max(0) as f64 / 1000.0
+    });
+    out.line("fovea_spool_oldest_age_seconds", &[], age);
+    out.help(
+        "fovea_spool_dropped_records",
+        "gauge",
+        "Records the full spool dropped since it was created, by class and reason (persisted).",
+    );
+    for ((class, reason), n) in &spool.dropped {
+        out.line(
+            "fovea_spool_dropped_records",
+            &[("class", class), ("reason", reason)],
+            *n as f64,
+        );
+    }
+    out.help(
+        "fovea_spool_quarantined_records",
+        "gauge",
+        "Corrupt records set aside since the spool was created.",
+    );
+    out.line(
+        "fovea_spool_quarantined_records",
+        &[],
+        spool.quarantined as f64,
+    );
+}
+
+fn uplink(out: &mut Out, s: &Stats) {
+    out.help(
+        "fovea_uplink_records_total",
+        "counter",
+        "Records handed to the cloud producer, by kind.",
+    );
+    out.line(
+        "fovea_uplink_records_total",
+        &[("kind", "result")],
+        Stats::get(&s.uplink_results) as f64,
+    );
+    out.line(
+        "fovea_uplink_records_total",
+        &[("kind", "frame")],
+        Stats::get(&s.uplink_frames) as f64,
+    );
+    for (name, help, counter) in [
+        (
+            "fovea_uplink_acked_total",
+            "Records the cloud acknowledged.",
+            &s.uplink_acked,
+        ),
+        (
+            "fovea_uplink_bytes_total",
+            "Record bytes sent to the cloud.",
+            &s.uplink_bytes,
+        ),
+        (
+            "fovea_uplink_filtered_total",
+            "Frames the uplink rules kept at the edge.",
+            &s.uplink_filtered,
+        ),
+    ] {
+        out.help(name, "counter", help);
+        out.line(name, &[], Stats::get(counter) as f64);
+    }
+    let lag = s.uplink_lag.lock().map(|m| m.clone()).unwrap_or_default();
+    if !lag.is_empty() {
+        out.help(
+            "fovea_uplink_lag_records",
+            "gauge",
+            "Records in the local broker not yet replicated to the cloud, by local topic.",
+        );
+        for (topic, n) in lag {
+            out.line("fovea_uplink_lag_records", &[("topic", &topic)], n as f64);
+        }
+    }
+}
+
+fn stage_label(stage: Stage) -> &'static str {
+    match stage {
+        Stage::Kafka => "local_ack",
+        other => other.name(),
+    }
+}
+
+fn flag(b: bool) -> f64 {
+    if b { 1.0 } else { 0.0 }
+}
+
+/// Resident set size from /proc (Linux); None elsewhere.
+fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+struct Out(String);
+
+impl Out {
+    fn help(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.0, "# HELP {name} {help}");
+        let _ = writeln!(self.0, "# TYPE {name} {kind}");
+    }
+
+    fn line(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
+        self.0.push_str(name);
+        if !labels.is_empty() {
+            self.0.push('{');
+            for (i, (k, v)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.0.push(',');
+                }
+                let _ = write!(self.0, "{k}=\"{}\"", escape(v));
+            }
+            self.0.push('}');
+        }
+        let _ = writeln!(self.0, " {value}");
+    }
+
+    fn histogram(&mut self, name: &str, label: (&str, &str), h: &Histogram) {
+        let snap = h.snapshot();
+        let bucket = format!("{name}_bucket");
+        for (bound, n) in BOUNDS.iter().zip(&snap.cumulative) {
+            self.line(&bucket, &[label, ("le", &bound.to_string())], *n as f64);
+        }
+        self.line(&bucket, &[label, ("le", "+Inf")], snap.count as f64);
+        self.line(&format!("{name}_sum"), &[label], snap.sum_seconds);
+        self.line(&format!("{name}_count"), &[label], snap.count as f64);
+    }
+}
+
+/// Label values escape backslash, double quote and newline.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    fn sample(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[test]
+    fn renders_counters_histograms_and_labels() {
+        let stats = Arc::new(Stats::default());
+        Stats::incr(&stats.frames_in);
+        Stats::incr(&stats.frames_in);
+        stats.reject("decode-failed");
+        stats.record(Stage::Inference, Duration::from_millis(12));
+        stats.record(Stage::Kafka, Duration::from_millis(3));
+        stats.record_model("efficientnet-lite0", Duration::from_millis(11));
+        stats.set_local_broker(Mode::Offline);
+        let health = Health {
+            stats,
+            stall_after: Duration::from_secs(60),
+            uplink_enabled: false,
+        };
+        let text = render(
+            &health,
+            &Process {
+                version: "1.2.3",
+                node_id: "edge \"1\"".into(),
+                start_time: 1.5,
+            },
+        );
+        assert_eq!(sample(&text, "fovea_frames_received_total"), Some(2.0));
+        assert_eq!(
+            sample(
+                &text,
+                "fovea_frames_rejected_total{reason=\"decode-failed\"}"
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "fovea_stage_duration_seconds_bucket{stage=\"inference\",le=\"0.01\"}"
+            ),
+            Some(0.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "fovea_stage_duration_seconds_bucket{stage=\"inference\",le=\"0.025\"}"
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "fovea_stage_duration_seconds_count{stage=\"local_ack\"}"
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "fovea_model_inference_seconds_count{model=\"efficientnet-lite0\"}"
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(&text, "fovea_local_broker_state{state=\"offline\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(&text, "fovea_local_broker_state{state=\"online\"}"),
+            Some(0.0)
+        );
+        assert_eq!(sample(&text, "fovea_ready"), Some(0.0));
+        assert!(text.contains("node=\"edge \\\"1\\\"\""), "{text}");
+        // Every sample line belongs to a declared metric family.
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let name = line.split(['{', ' ']).next().unwrap();
+            let family = name
+                .trim_end_matches("_bucket")
+                .trim_end_matches("_sum")
+                .trim_end_matches("_count");
+            assert!(
+                text.contains(&format!("# TYPE {family} "))
+                    || text.contains(&format!("# TYPE {name} ")),
+                "{line}"
+            );
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! What `/healthz` and `/readyz` answer, and what the watchdog and `STATUS=` say.
+//!
+//! - Healthy (live): no stage is stalled (see [`super::liveness`]). Unhealthy means "restart me":
+//!   the watchdog stops, systemd restarts the node.
+//! - Ready: healthy, taking frames, connected to the MQTT broker, and the local Kafka broker
+//!   reachable. Not ready is not fatal: a node whose broker is away still takes frames into the
+//!   spool, but someone should look. The cloud link is reported, never required: the uplink
+//!   catches up when the cloud is back.
+
+use crate::outbox::state::Mode;
+use crate::stats::Stats;
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+#[derive(Clone)]
+pub struct Health {
+    pub stats: Arc<Stats>,
+    pub stall_after: Duration,
+    pub uplink_enabled: bool,
+}
+
+/// One line of the readiness report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    pub name: &'static str,
+    /// Whether readiness depends on it and it holds. Informational lines are always ok.
+    pub ok: bool,
+    pub detail: String,
+}
+
+impl Health {
+    /// Ok, or why the node is stalled.
+    pub fn live(&self) -> Result<(), String> {
+        match self
+            .stats
+            .liveness
+            .stalled(self.stall_after, Instant::now())
+        {
+            Some(why) => Err(why),
+            None => Ok(()),
+        }
+    }
+
+    pub fn checks(&self) -> Vec<Check> {
+        let s = &self.stats;
+        let mut checks = Vec::new();
+        let (ok, detail) = match (s.liveness.started(), self.live()) {
+            (_, Err(why)) => (false, format!("stalled: {why}")),
+            (false, Ok(())) => (false, "starting".to_string()),
+            (true, Ok(())) => (true, "taking frames".to_string()),
+        };
+        checks.push(Check {
+            name: "pipeline",
+            ok,
+            detail,
+        });
+        let connected = s.mqtt_connected.load(Ordering::Relaxed);
+        checks.push(Check {
+            name: "mqtt",
+            ok: connected,
+            detail: if connected {
+                "connected"
+            } else {
+                "not connected"
+            }
+            .into(),
+        });
+        let (ok, detail) = match s.local_broker() {
+            None => (false, "not started"),
+            Some(Mode::Online) => (true, "online"),
+            Some(Mode::Slow) => (true, "slow: new records go to the spool"),
+            Some(Mode::CatchUp) => (true, "reachable: draining the spool"),
+            Some(Mode::Offline) => (false, "unreachable: records go to the spool"),
+        };
+        checks.push(Check {
+            name: "local broker",
+            ok,
+            detail: detail.into(),
+        });
+        if let Ok(Some(spool)) = s.spool.lock().map(|g| g.clone()) {
+            checks.push(Check {
+                name: "spool",
+                ok: true,
+                detail: format!(
+                    "{} records, {} of {} bytes",
+                    spool.total_records, spool.total_bytes, spool.max_bytes
+                ),
+            });
+        }
+        if self.uplink_enabled {
+            let lag: i64 = s
+                .uplink_lag
+                .lock()
+                .map(|m| m.values().sum())
+                .unwrap_or_default();
+            checks.push(Check {
+                name: "uplink",
+                ok: true,
+                detail: format!(
+                    "{} records acknowledged by the cloud, {lag} behind",
+                    Stats::get(&s.uplink_acked)
+                ),
+            });
+        }
+        checks
+    }
+
+    pub fn ready(&self) -> bool {
+        self.checks().iter().all(|c| c.ok)
+    }
+
+    /// The readiness report as text, one check per line.
+    pub fn report(&self) -> String {
+        let mut out = String::new();
+        for c in self.checks() {
+            let mark = if c.ok { "ok  " } else { "FAIL" };
+            let _ = writeln!(out, "{mark} {}: {}", c.name, c.detail);
+        }
+        out
+    }
+
+    /// One line for systemd's `STATUS=`.
+    pub fn status_line(&self) -> String {
+        let s = &self.stats;
+        let broker = s.local_broker().map_or("starting", Mode::name);
+        format!(
+            "{} frames in, {} acked, {} dead letters; local broker {broker}; {} spooled",
+            Stats::get(&s.frames_in),
+            Stats::get(&s.acked),
+            Stats::get(&s.dead_letters),
+            Stats::get(&s.spooled),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn health() -> Health {
+        Health {
+            stats: Arc::new(Stats::default()),
+            stall_after: Duration::from_secs(10),
+            uplink_enabled: false,
+        }
+    }
+
+    #[test]
+    fn not_ready_until_started_connected_and_broker_reached() {
+        let h = health();
+        assert!(!h.ready());
+        assert!(
+            h.report().contains("FAIL pipeline: starting"),
+            "{}",
+            h.report()
+        );
+        h.stats.liveness.set_started();
+        h.stats.mqtt_connected.store(true, Ordering::Relaxed);
+        h.stats.set_local_broker(Mode::Offline);
+        assert!(!h.ready());
+        assert!(h.report().contains("FAIL local broker: unreachable"));
+        h.stats.set_local_broker(Mode::CatchUp);
+        assert!(h.ready(), "{}", h.report());
+        h.stats.mqtt_connected.store(false, Ordering::Relaxed);
+        assert!(!h.ready());
+        assert!(h.live().is_ok(), "not ready is not unhealthy");
+    }
+
+    #[test]
+    fn a_stalled_worker_makes_the_node_unhealthy_and_unready() {
+        let mut h = health();
+        h.stall_after = Duration::from_millis(1);
+        h.stats.liveness.set_started();
+        h.stats.mqtt_connected.store(true, Ordering::Relaxed);
+        h.stats.set_local_broker(Mode::Online);
+        h.stats.liveness.worker_busy(0);
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(h.live().unwrap_err().contains("worker 0"));
+        assert!(!h.ready());
+        h.stats.liveness.worker_idle(0);
+        assert!(h.live().is_ok());
+        assert!(h.ready());
+    }
+}
