@@ -1,9 +1,12 @@
 //! Logging: to journald when the process runs under systemd (structured fields, levels kept), else
-//! to stderr as one line per event. Levels come from the config: a default and per-module ones.
+//! to stderr as one line per event: `unix-seconds.millis LEVEL target: message key=value ...`.
+//! Key-values given to the log macros (`log::info!(camera = id; "...")`) become journald fields or
+//! trailing `key=value` pairs. Levels come from the config: a default and per-module ones.
 
 use crate::config::LogConfig;
 use log::{Level, LevelFilter, Log, Metadata, Record};
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::io::Write;
 use std::str::FromStr;
 
@@ -104,19 +107,54 @@ impl Log for Stderr {
         let ts = crate::pipeline::job::now_ms();
         let _ = writeln!(
             std::io::stderr().lock(),
-            "{}.{:03} {level} {}: {}",
+            "{}.{:03} {level} {}: {}{}",
             ts / 1000,
             ts % 1000,
             record.target(),
-            record.args()
+            record.args(),
+            key_values(record)
         );
     }
     fn flush(&self) {}
 }
 
+/// A record's key-values as ` key=value` pairs; values with spaces, quotes or `=` are quoted.
+fn key_values(record: &Record) -> String {
+    struct Pairs(String);
+    impl<'kvs> log::kv::VisitSource<'kvs> for Pairs {
+        fn visit_pair(
+            &mut self,
+            key: log::kv::Key<'kvs>,
+            value: log::kv::Value<'kvs>,
+        ) -> Result<(), log::kv::Error> {
+            let v = value.to_string();
+            if v.is_empty() || v.contains([' ', '"', '=']) {
+                let _ = write!(self.0, " {key}={v:?}");
+            } else {
+                let _ = write!(self.0, " {key}={v}");
+            }
+            Ok(())
+        }
+    }
+    let mut pairs = Pairs(String::new());
+    let _ = record.key_values().visit(&mut pairs);
+    pairs.0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_values_follow_the_message() {
+        let kvs: [(&str, &str); 2] = [("camera", "dock-1"), ("reason", "bad jpeg")];
+        let record = Record::builder()
+            .args(format_args!("rejected"))
+            .key_values(&kvs)
+            .build();
+        assert_eq!(key_values(&record), " camera=dock-1 reason=\"bad jpeg\"");
+        assert_eq!(key_values(&Record::builder().build()), "");
+    }
 
     #[test]
     fn longest_module_prefix_wins() {

@@ -1,6 +1,10 @@
 //! The sd_notify protocol, without libsystemd: datagrams such as `READY=1` to the Unix socket
 //! named by `$NOTIFY_SOCKET` (a path, or `@name` for the abstract namespace). Outside systemd
 //! the variable is unset and every call is a no-op.
+//!
+//! The socket is non-blocking: a receiver that stops reading (a wedged systemd, a test harness)
+//! fills its queue, and a blocking send would then stall the task that sends, which may be the
+//! one that stops the node. A message that does not fit is dropped and logged at debug level.
 
 use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
@@ -26,7 +30,7 @@ impl Notifier {
             }
             _ => None,
         };
-        let socket = target.and_then(|t| match UnixDatagram::unbound() {
+        let socket = target.and_then(|t| match unbound_nonblocking() {
             Ok(sock) => Some((sock, t)),
             Err(e) => {
                 log::warn!("cannot create the systemd notification socket: {e}");
@@ -79,6 +83,12 @@ impl Notifier {
     }
 }
 
+fn unbound_nonblocking() -> std::io::Result<UnixDatagram> {
+    let sock = UnixDatagram::unbound()?;
+    sock.set_nonblocking(true)?;
+    Ok(sock)
+}
+
 fn abstract_addr(name: &[u8]) -> std::io::Result<std::os::unix::net::SocketAddr> {
     use std::os::linux::net::SocketAddrExt;
     std::os::unix::net::SocketAddr::from_abstract_name(name)
@@ -114,7 +124,7 @@ mod tests {
             .unwrap();
         let n = Notifier {
             socket: Some((
-                UnixDatagram::unbound().unwrap(),
+                unbound_nonblocking().unwrap(),
                 Target::Path(path.to_string_lossy().into_owned()),
             )),
         };
@@ -137,7 +147,7 @@ mod tests {
             .unwrap();
         let n = Notifier {
             socket: Some((
-                UnixDatagram::unbound().unwrap(),
+                unbound_nonblocking().unwrap(),
                 Target::Abstract(name.into_bytes()),
             )),
         };
@@ -145,6 +155,26 @@ mod tests {
         let mut buf = [0u8; 256];
         let len = listener.recv(&mut buf).unwrap();
         assert_eq!(&buf[..len], b"STOPPING=1\nSTATUS=draining");
+    }
+
+    #[test]
+    fn a_receiver_that_stops_reading_never_blocks_the_sender() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let _deaf = UnixDatagram::bind(&path).unwrap();
+        let n = Notifier {
+            socket: Some((
+                unbound_nonblocking().unwrap(),
+                Target::Path(path.to_string_lossy().into_owned()),
+            )),
+        };
+        // Far more than a Unix datagram queue holds; each send must return at once.
+        let started = std::time::Instant::now();
+        for _ in 0..10_000 {
+            n.watchdog();
+        }
+        n.stopping("draining");
+        assert!(started.elapsed() < Duration::from_secs(5));
     }
 
     #[test]
