@@ -22,12 +22,13 @@ fn config(
     uplink_extra: &str,
     frames: &str,
 ) -> String {
-    let base = node_config(mqtt, edge, "").replace(
+    let spool = "spool.divert_after_ms = 1000\nspool.probe_interval_ms = 200";
+    let base = node_config(mqtt, edge, spool).replace(
         "models = [\"efficientnet-lite0\", \"ssdlite-person\"]",
         "models = [\"efficientnet-lite0\"]",
     );
     format!(
-        "{base}\n[spool]\ndivert_after_ms = 1000\nprobe_interval_ms = 200\n\n[uplink]\nenabled = true\nbrokers = \"{}\"\n{uplink_extra}\n\n[uplink.frames]\n{frames}\n",
+        "{base}\n[uplink]\nenabled = true\nbrokers = \"{}\"\n{uplink_extra}\n\n[uplink.frames]\n{frames}\n",
         cloud.brokers()
     )
 }
@@ -255,7 +256,7 @@ fn only_frames_matching_the_rules_arrive_as_thumbnails() {
     let cloud = Kafka::start(dir.path(), "cloud");
     let rules =
         "enabled = true\nlabels = [\"Egyptian cat\"]\nmin_score = 0.5\nthumbnail_max_side = 96";
-    let _node = Node::start(dir.path(), &config(&mqtt, &edge, &cloud, "", rules));
+    let node = Node::start(dir.path(), &config(&mqtt, &edge, &cloud, "", rules));
     let mut messages = Vec::new();
     for camera in ["a", "b"] {
         for photo in ["chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg"] {
@@ -289,4 +290,25 @@ fn only_frames_matching_the_rules_arrive_as_thumbnails() {
         assert_eq!(header(f, "fovea-thumbnail").as_deref(), Some(size.as_str()));
         assert_eq!(header(f, "fovea-edge-node").as_deref(), Some("test-node"));
     }
+
+    // The endpoint counts the same: 8 results and 2 frames acknowledged by the cloud, each
+    // result's replication time observed, nothing left behind.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let body = loop {
+        let (_, body) = node.http_get("/metrics");
+        let lag = metric(&body, "fovea_uplink_lag_records{topic=\"fovea.results\"}");
+        if metric(&body, "fovea_uplink_acked_total") == Some(10.0) && lag == Some(0.0) {
+            break body;
+        }
+        assert!(std::time::Instant::now() < deadline, "{body}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let m = |series: &str| metric(&body, series).unwrap_or_else(|| panic!("no {series}"));
+    assert_eq!(m("fovea_uplink_records_total{kind=\"result\"}"), 8.0);
+    assert_eq!(m("fovea_uplink_records_total{kind=\"frame\"}"), 2.0);
+    assert_eq!(m("fovea_uplink_filtered_total"), 6.0);
+    assert_eq!(
+        m("fovea_stage_duration_seconds_count{stage=\"replication\"}"),
+        8.0
+    );
 }
