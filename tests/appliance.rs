@@ -189,7 +189,7 @@ fn readiness_follows_the_local_broker_and_the_spool_shows_the_backlog() {
 }
 
 /// Datagrams received on a notification socket, with when they arrived.
-fn listen(path: &std::path::Path) -> Arc<Mutex<Vec<(Instant, String)>>> {
+fn listen(path: &std::path::Path) -> Notes {
     let socket = UnixDatagram::bind(path).unwrap();
     let got = Arc::new(Mutex::new(Vec::new()));
     let sink = got.clone();
@@ -203,7 +203,7 @@ fn listen(path: &std::path::Path) -> Arc<Mutex<Vec<(Instant, String)>>> {
     got
 }
 
-fn first(got: &Arc<Mutex<Vec<(Instant, String)>>>, prefix: &str) -> Option<Instant> {
+fn first(got: &Notes, prefix: &str) -> Option<Instant> {
     got.lock()
         .unwrap()
         .iter()
@@ -211,27 +211,29 @@ fn first(got: &Arc<Mutex<Vec<(Instant, String)>>>, prefix: &str) -> Option<Insta
         .map(|(t, _)| *t)
 }
 
+type Notes = Arc<Mutex<Vec<(Instant, String)>>>;
+
+/// Starts the node as systemd would with `WatchdogSec` = `watchdog_usec`: a notification socket
+/// in `dir`, whose datagrams are collected.
+fn launch_under_systemd(dir: &std::path::Path, config: &str, watchdog_usec: &str) -> (Node, Notes) {
+    std::fs::write(dir.join("fovea.toml"), config).unwrap();
+    let socket = dir.join("notify.sock");
+    let got = listen(&socket);
+    let env = [
+        ("NOTIFY_SOCKET", socket.to_str().unwrap()),
+        ("WATCHDOG_USEC", watchdog_usec),
+    ];
+    (Node::launch_with(dir, &[], &env), got)
+}
+
 #[test]
 fn systemd_hears_ready_watchdog_pings_and_stopping() {
     let dir = temp_dir();
     let mqtt = Mosquitto::start(dir.path());
     let kafka = Kafka::start(dir.path(), "edge");
-    std::fs::write(
-        dir.path().join("fovea.toml"),
-        node_config(&mqtt, &kafka, ""),
-    )
-    .unwrap();
-    let socket = dir.path().join("notify.sock");
-    let got = listen(&socket);
     let spawned = Instant::now();
-    let mut node = Node::launch_with(
-        dir.path(),
-        &[],
-        &[
-            ("NOTIFY_SOCKET", socket.to_str().unwrap()),
-            ("WATCHDOG_USEC", "1000000"),
-        ],
-    );
+    let config = node_config(&mqtt, &kafka, "");
+    let (mut node, got) = launch_under_systemd(dir.path(), &config, "1000000");
     let ready = eventually(WAIT, "READY=1", || first(&got, "READY=1"));
     println!(
         "READY=1 {} ms after spawn",
@@ -266,22 +268,9 @@ fn a_worker_stuck_on_one_frame_fails_healthz_until_it_finishes() {
     let dir = temp_dir();
     let mqtt = Mosquitto::start(dir.path());
     let kafka = Kafka::start(dir.path(), "edge");
-    std::fs::write(
-        dir.path().join("fovea.toml"),
-        node_config(&mqtt, &kafka, "health.stall_after_ms = 100"),
-    )
-    .unwrap();
     // A fast watchdog tick so that the supervisor notices a short stall too.
-    let socket = dir.path().join("notify.sock");
-    let _got = listen(&socket);
-    let node = Node::launch_with(
-        dir.path(),
-        &[],
-        &[
-            ("NOTIFY_SOCKET", socket.to_str().unwrap()),
-            ("WATCHDOG_USEC", "100000"),
-        ],
-    );
+    let config = node_config(&mqtt, &kafka, "health.stall_after_ms = 100");
+    let (node, _got) = launch_under_systemd(dir.path(), &config, "100000");
     assert_eq!(node.http_get("/healthz").0, 200);
     // A big noise PNG: decoding and resizing it keeps the worker busy for well over 100 ms.
     let big = noise_png(3000, 5);

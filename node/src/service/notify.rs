@@ -114,6 +114,15 @@ pub fn watchdog_interval() -> Option<Duration> {
 mod tests {
     use super::*;
 
+    fn to_path(path: &std::path::Path) -> Notifier {
+        Notifier {
+            socket: Some((
+                unbound_nonblocking().unwrap(),
+                Target::Path(path.to_string_lossy().into_owned()),
+            )),
+        }
+    }
+
     #[test]
     fn sends_datagrams_to_a_path_socket() {
         let dir = tempfile::tempdir().unwrap();
@@ -122,12 +131,7 @@ mod tests {
         listener
             .set_read_timeout(Some(Duration::from_secs(2)))
             .unwrap();
-        let n = Notifier {
-            socket: Some((
-                unbound_nonblocking().unwrap(),
-                Target::Path(path.to_string_lossy().into_owned()),
-            )),
-        };
+        let n = to_path(&path);
         n.ready("taking\nframes");
         n.watchdog();
         let mut buf = [0u8; 256];
@@ -162,12 +166,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("notify");
         let _deaf = UnixDatagram::bind(&path).unwrap();
-        let n = Notifier {
-            socket: Some((
-                unbound_nonblocking().unwrap(),
-                Target::Path(path.to_string_lossy().into_owned()),
-            )),
-        };
+        let n = to_path(&path);
         // Far more than a Unix datagram queue holds; each send must return at once.
         let started = std::time::Instant::now();
         for _ in 0..10_000 {
