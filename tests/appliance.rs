@@ -249,8 +249,8 @@ fn systemd_hears_ready_watchdog_pings_and_stopping() {
     // A 1 s watchdog wants a ping at least every 500 ms: 3 s give about 6.
     assert!((4..=10).contains(&pings), "{pings} pings in 3 s");
 
-    node.proc.signal("TERM");
     let stopping_sent = Instant::now();
+    node.proc.signal("TERM");
     assert_eq!(
         node.proc.wait(Duration::from_secs(25)),
         Some(0),
