@@ -135,6 +135,19 @@ os.replace(dest + ".tmp", dest)
 PY
 fi
 
+# ---------------------------------------------------------------- packaging tools
+# For scripts/package.sh and tests/packaging.rs: systemd-analyze (verify, security), dpkg-deb
+# and dpkg-shlibdeps (dpkg-dev), debootstrap (the clean Debian the .deb is installed into; the
+# tests cache its root under $CACHE/debootstrap), and cargo-deb, built once (~2 minutes) into
+# ~/.cargo/bin. A warm run only checks.
+CARGO_DEB_VERSION=3.8.0
+install_debs systemd dpkg-dev debootstrap
+if ! cargo deb --version 2>/dev/null | grep -qxF "cargo-deb $CARGO_DEB_VERSION"; then
+  log "cargo install cargo-deb $CARGO_DEB_VERSION (about 2 minutes, once)"
+  cargo install cargo-deb --version "$CARGO_DEB_VERSION" --locked --quiet
+fi
+# ---------------------------------------------------------------- end of packaging tools
+
 # ---------------------------------------------------------------- done
 mosquitto_bin="$(command -v mosquitto || echo /usr/sbin/mosquitto)"
 [[ -x "$mosquitto_bin" ]] || die "mosquitto not found at $mosquitto_bin"

@@ -54,6 +54,10 @@ pub fn init_runtime(library: &Path) -> Result<(), InferenceError> {
     let env = ort::init_from(&path)
         .map_err(|e| load_err(e.to_string()))?
         .with_name("fovea")
+        // The PyPI build reports usage to its vendor and keeps a device id under $HOME/.cache;
+        // an edge box has no business doing either. (ORT_DISABLE_TELEMETRY=1, set by the unit
+        // and scripts/env.sh, also stops the one event sent while the environment is created.)
+        .with_telemetry(false)
         .build()
         .map_err(|e| load_err(e.to_string()))?;
     log::info!("ONNX Runtime loaded from {}", path.display());
