@@ -62,6 +62,11 @@ fn metrics_endpoint_counts_what_the_run_produced() {
     let mqtt = Mosquitto::start(dir.path());
     let kafka = Kafka::start(dir.path(), "edge");
     let node = Node::start(dir.path(), &node_config(&mqtt, &kafka, ""));
+    // The node starts offline and probes the broker: wait for it, so that every record goes
+    // straight to the broker and the per-stage counts below are exact.
+    eventually(WAIT, "ready", || {
+        (node.http_get("/readyz").0 == 200).then_some(())
+    });
 
     let mut corrupt_jpeg = vec![0xFF, 0xD8, 0xFF, 0xE0];
     corrupt_jpeg.extend(std::iter::repeat_n(0x5A, 4096));

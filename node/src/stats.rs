@@ -24,7 +24,7 @@ pub enum Stage {
     Inference,
     /// Records handed to the producer -> acknowledged by the local broker.
     Kafka,
-    /// MQTT arrival -> PUBACK sent (the whole path).
+    /// MQTT arrival -> PUBACK sent (the whole path, straight to the broker or via the spool).
     Total,
     /// Result or frame in the local broker -> acknowledged by the cloud (the uplink).
     Replication,

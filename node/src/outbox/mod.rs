@@ -359,6 +359,7 @@ impl Outbox {
         let flushed = durable.len();
         for meta in durable {
             meta.ack.send().await;
+            self.stats.record(Stage::Total, meta.received.elapsed());
             Stats::incr(&self.stats.acked);
         }
         run.spool_acked += flushed as u64;

@@ -202,7 +202,7 @@ mod tests {
         ] {
             assert_eq!(
                 varint_len(v),
-                prost::length_delimiter_len(v as usize),
+                prost::encoding::encoded_len_varint(v),
                 "{v}"
             );
         }
