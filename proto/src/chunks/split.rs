@@ -200,11 +200,7 @@ mod tests {
             u64::from(u32::MAX),
             u64::MAX,
         ] {
-            assert_eq!(
-                varint_len(v),
-                prost::encoding::encoded_len_varint(v),
-                "{v}"
-            );
+            assert_eq!(varint_len(v), prost::encoding::encoded_len_varint(v), "{v}");
         }
         for budget in 0..70_000usize {
             let d = data_capacity(budget);
