@@ -457,3 +457,34 @@ fn drain_deadline_and_second_signal_end_the_process_and_nothing_is_lost() {
     assert!((1..=6).all(|s| stored.contains(&("c1".to_string(), s))));
     drop(node);
 }
+
+#[test]
+fn a_metrics_port_in_use_does_not_stop_the_node_and_is_taken_when_free() {
+    let dir = temp_dir();
+    let mqtt = Mosquitto::start(dir.path());
+    let kafka = Kafka::start(dir.path(), "edge");
+    let config = node_config(&mqtt, &kafka, "");
+    let table: toml::Table = config.parse().unwrap();
+    let listen = table["metrics"]["listen"].as_str().unwrap().to_string();
+    let squatter = std::net::TcpListener::bind(&listen).unwrap();
+    let node = Node::start(dir.path(), &config);
+    publish(
+        mqtt.port,
+        &[("cameras/c1/frames".into(), shared_image("rocket.jpg"))],
+    );
+    assert_eq!(kafka.read("fovea.results", 1, WAIT).len(), 1);
+    assert!(
+        node.proc
+            .log_text()
+            .contains("cannot serve metrics on 127.0.0.1:"),
+        "{}",
+        node.proc.log_text()
+    );
+    drop(squatter);
+    // Retried every 10 s: the endpoint is ours within one retry.
+    eventually(Duration::from_secs(25), "the endpoint", || {
+        std::net::TcpStream::connect(&listen).ok()?;
+        let (status, body) = node.http_get("/metrics");
+        (status == 200 && metric(&body, "fovea_frames_acked_total") == Some(1.0)).then_some(())
+    });
+}

@@ -33,6 +33,9 @@ divert_after_ms = 1000
 probe_interval_ms = 200
 {extra}
 
+[metrics]
+listen = "127.0.0.1:{metrics}"
+
 [[models]]
 path = "{models}/efficientnet-lite0"
 
@@ -41,6 +44,7 @@ cameras = "*"
 models = ["efficientnet-lite0"]
 "#,
         mqtt = mqtt.port,
+        metrics = free_port(),
         ort = ort_library().display(),
         models = models.display(),
     )

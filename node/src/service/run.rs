@@ -13,11 +13,48 @@ use crate::config::Config;
 use crate::metrics::exposition::Process;
 use crate::pipeline;
 use crate::stats::Stats;
-use anyhow::Context;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
+
+/// How often a metrics address that could not be bound is tried again.
+const BIND_RETRY: Duration = Duration::from_secs(10);
+
+/// Binds `listen` and serves the endpoint. An address in use is an error for the operator, not a
+/// reason to stop taking frames: it is logged and tried again until it works.
+async fn serve_endpoint(
+    listen: String,
+    health: Health,
+    process: Arc<Process>,
+    stop: watch::Receiver<bool>,
+) {
+    let mut attempts = 0u64;
+    let listener = loop {
+        match tokio::net::TcpListener::bind(&listen).await {
+            Ok(listener) => break listener,
+            Err(e) => {
+                attempts += 1;
+                if attempts == 1 {
+                    log::error!(
+                        "cannot serve metrics on {listen} (metrics.listen): {e}; the node runs \
+                         on and tries again every {} s",
+                        BIND_RETRY.as_secs()
+                    );
+                }
+                tokio::time::sleep(BIND_RETRY).await;
+            }
+        }
+    };
+    match listener.local_addr() {
+        Ok(addr) if attempts > 0 => {
+            log::warn!("metrics on http://{addr}/metrics after {attempts} failed attempt(s)")
+        }
+        Ok(addr) => log::info!("metrics on http://{addr}/metrics, health on /healthz and /readyz"),
+        Err(_) => {}
+    }
+    super::http::serve(listener, health, process, stop).await;
+}
 
 pub async fn run(cfg: Config, drain: Duration) -> anyhow::Result<()> {
     let started = Instant::now();
@@ -38,22 +75,13 @@ pub async fn run(cfg: Config, drain: Duration) -> anyhow::Result<()> {
     // The endpoint outlives the drain (the last figures can be scraped); it ends with the process.
     let (_endpoint_tx, endpoint_rx) = watch::channel(false);
     if !cfg.metrics.listen.is_empty() {
-        let listener = tokio::net::TcpListener::bind(&cfg.metrics.listen)
-            .await
-            .with_context(|| {
-                format!("serving metrics on {} (metrics.listen)", cfg.metrics.listen)
-            })?;
-        log::info!(
-            "metrics on http://{}/metrics, health on /healthz and /readyz",
-            listener.local_addr()?
-        );
         let process = Arc::new(Process {
             version: env!("CARGO_PKG_VERSION"),
             node_id: cfg.node_id(),
             start_time,
         });
-        tokio::spawn(super::http::serve(
-            listener,
+        tokio::spawn(serve_endpoint(
+            cfg.metrics.listen.clone(),
             health.clone(),
             process,
             endpoint_rx,
