@@ -58,7 +58,10 @@ cleanup() {
 }
 trap cleanup INT TERM EXIT
 
-"$fovea" run --config "$run/fovea.toml" >"$run/fovea.log" 2>&1 &
+# In a session of its own: Ctrl-C reaches the whole terminal process group, and a node that saw
+# it and then the cleanup's SIGTERM would take the second signal as "exit now" instead of
+# draining. This way it gets exactly one signal, from cleanup.
+setsid "$fovea" run --config "$run/fovea.toml" >"$run/fovea.log" 2>&1 &
 pids+=($!)
 # Wait for the node to subscribe before cameras publish.
 for _ in $(seq 1 300); do
