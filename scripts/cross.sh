@@ -202,32 +202,7 @@ source for the device (cross/README.md, \"ONNX Runtime\") and set inference.onnx
   local so="$dir/libonnxruntime.so.$ORT_VERSION"
   if [[ ! -s $so ]]; then
     if ! python3 -m pip --version >/dev/null 2>&1; then install_debs python3 python3-pip; fi
-    mkdir -p "$dir"
-    shopt -s nullglob
-    local wheels=("$dir"/onnxruntime-"$ORT_VERSION"-*manylinux*aarch64.whl)
-    if [[ ${#wheels[@]} -eq 0 ]]; then
-      log "downloading the onnxruntime $ORT_VERSION aarch64 wheel"
-      local tmp
-      tmp="$(mktemp -d)"
-      # Fixed interpreter tag and platform: only the .so is used, not the Python module.
-      python3 -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
-        --python-version 3.11 --platform manylinux_2_28_aarch64 "onnxruntime==$ORT_VERSION" -d "$tmp"
-      mv "$tmp"/onnxruntime-*.whl "$dir/"
-      rm -rf "$tmp"
-      wheels=("$dir"/onnxruntime-"$ORT_VERSION"-*manylinux*aarch64.whl)
-    fi
-    shopt -u nullglob
-    [[ ${#wheels[@]} -gt 0 ]] || die "no onnxruntime $ORT_VERSION aarch64 wheel in $dir"
-    # Extract beside the target, then rename: a half-written .so never looks installed.
-    python3 - "${wheels[0]}" "$so" <<'PY'
-import os, shutil, sys, zipfile
-wheel, dest = sys.argv[1], sys.argv[2]
-member = "onnxruntime/capi/" + os.path.basename(dest)
-with zipfile.ZipFile(wheel) as z, z.open(member) as src, open(dest + ".tmp", "wb") as out:
-    shutil.copyfileobj(src, out)
-os.chmod(dest + ".tmp", 0o755)
-os.replace(dest + ".tmp", dest)
-PY
+    bash "$ROOT/scripts/fetch-ort.sh" aarch64 "$dir" "$so"
   fi
   printf '%s\n' "$so"
 }

@@ -104,35 +104,7 @@ if [[ ! -s "$ORT_SO" ]]; then
   if ! command -v python3 >/dev/null 2>&1 || ! python3 -m pip --version >/dev/null 2>&1; then
     install_debs python3 python3-pip
   fi
-  arch="$(uname -m)"
-  wheel_dir="$CACHE/ort"
-  mkdir -p "$wheel_dir"
-  shopt -s nullglob
-  wheels=("$wheel_dir"/onnxruntime-"$ORT_VERSION"-*manylinux*"$arch".whl)
-  if [[ ${#wheels[@]} -eq 0 ]]; then
-    log "downloading the onnxruntime $ORT_VERSION wheel"
-    tmp="$(mktemp -d)"
-    # Fixed interpreter tag and platform: any local python's pip then fetches the
-    # same wheel (only cp311 manylinux_2_28 is needed; we use the .so, not the module).
-    python3 -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
-      --python-version 3.11 --platform "manylinux_2_28_$arch" "onnxruntime==$ORT_VERSION" -d "$tmp"
-    mv "$tmp"/onnxruntime-*.whl "$wheel_dir/"
-    rm -rf "$tmp"
-    wheels=("$wheel_dir"/onnxruntime-"$ORT_VERSION"-*manylinux*"$arch".whl)
-  fi
-  shopt -u nullglob
-  [[ ${#wheels[@]} -gt 0 ]] || die "no onnxruntime $ORT_VERSION wheel for $arch in $wheel_dir"
-  mkdir -p "$(dirname "$ORT_SO")"
-  # Extract next to the target, then rename: a half-written .so never looks installed.
-  python3 - "${wheels[0]}" "$ORT_SO" <<'PY'
-import os, shutil, sys, zipfile
-wheel, dest = sys.argv[1], sys.argv[2]
-member = "onnxruntime/capi/" + os.path.basename(dest)
-with zipfile.ZipFile(wheel) as z, z.open(member) as src, open(dest + ".tmp", "wb") as out:
-    shutil.copyfileobj(src, out)
-os.chmod(dest + ".tmp", 0o755)
-os.replace(dest + ".tmp", dest)
-PY
+  bash "$(dirname "${BASH_SOURCE[0]}")/fetch-ort.sh" "$(uname -m)" "$CACHE/ort" "$ORT_SO"
 fi
 
 # ---------------------------------------------------------------- packaging tools
