@@ -464,8 +464,7 @@ fn a_metrics_port_in_use_does_not_stop_the_node_and_is_taken_when_free() {
     let mqtt = Mosquitto::start(dir.path());
     let kafka = Kafka::start(dir.path(), "edge");
     let config = node_config(&mqtt, &kafka, "");
-    let table: toml::Table = config.parse().unwrap();
-    let listen = table["metrics"]["listen"].as_str().unwrap().to_string();
+    let listen = metrics_listen(&config);
     let squatter = std::net::TcpListener::bind(&listen).unwrap();
     let node = Node::start(dir.path(), &config);
     publish(

@@ -446,9 +446,8 @@ impl Node {
     /// `GET path` on the node's metrics endpoint: (status, body).
     pub fn http_get(&self, path: &str) -> (u16, String) {
         let config = std::fs::read_to_string(self.dir.join("fovea.toml")).expect("config");
-        let table: toml::Table = config.parse().expect("config TOML");
-        let listen = table["metrics"]["listen"].as_str().expect("metrics.listen");
-        let mut stream = std::net::TcpStream::connect(listen).expect("metrics endpoint");
+        let listen = metrics_listen(&config);
+        let mut stream = std::net::TcpStream::connect(&listen).expect("metrics endpoint");
         stream
             .set_read_timeout(Some(Duration::from_secs(10)))
             .expect("timeout");
@@ -464,6 +463,15 @@ impl Node {
             .expect("status code");
         (status, body.to_string())
     }
+}
+
+/// `metrics.listen` of a node config.
+pub fn metrics_listen(config: &str) -> String {
+    let table: toml::Table = config.parse().expect("config TOML");
+    table["metrics"]["listen"]
+        .as_str()
+        .expect("metrics.listen")
+        .to_string()
 }
 
 /// The value of one series (`name{labels}` exactly as rendered) in a Prometheus text body.
