@@ -70,25 +70,8 @@ esac
 TRIPLE_ENV="${TRIPLE//-/_}" # aarch64_unknown_linux_gnu, as the cc crate spells it in variables
 
 # ---------------------------------------------------------------- Debian
-deb_installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
-
-APT_UPDATED=0
-install_debs() {
-  local missing=() p
-  for p in "$@"; do deb_installed "$p" || missing+=("$p"); done
-  [[ ${#missing[@]} -eq 0 ]] && return 0
-  log "apt-get install ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  if [[ $APT_UPDATED -eq 0 ]]; then
-    "${SUDO[@]}" apt-get update -qq
-    APT_UPDATED=1
-  fi
-  # Big installs here sometimes fail once with "cannot stat ... .deb"; a second try works.
-  if ! "${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"; then
-    log "apt-get install failed; retrying once"
-    "${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
-  fi
-}
+# shellcheck source=scripts/apt.sh
+. "$ROOT/scripts/apt.sh"
 
 # Two concurrent runs must not both run apt-get (dpkg's lock would fail the second) nor fill
 # the same cache folder; held while installing and fetching, released before cargo runs.

@@ -34,21 +34,8 @@ exec 9>"$CACHE/.install-deps.lock"
 flock 9
 
 # ---------------------------------------------------------------- Debian
-deb_installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
-
-install_debs() {
-  local missing=() p
-  for p in "$@"; do deb_installed "$p" || missing+=("$p"); done
-  [[ ${#missing[@]} -eq 0 ]] && return 0
-  log "apt-get install ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  "${SUDO[@]}" apt-get update -qq
-  # Big installs here sometimes fail once with "cannot stat ... .deb"; a second try works.
-  if ! "${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"; then
-    log "apt-get install failed; retrying once"
-    "${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
-  fi
-}
+# shellcheck source=scripts/apt.sh
+. "$(dirname "${BASH_SOURCE[0]}")/apt.sh"
 
 mosquitto_was_installed=0
 deb_installed mosquitto && mosquitto_was_installed=1
