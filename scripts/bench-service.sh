@@ -56,7 +56,7 @@ TOML
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
 echo "binary: $(stat -c %s target/release/fovea) bytes ($(numfmt --to=iec-i --suffix=B "$(stat -c %s target/release/fovea)"))"
 exec python3 - "$root/target/release/fovea" "$run" "$metrics_port" "$FOVEA_MQTT_PORT" \
-  "${FOVEA_BENCH_IMAGES:-$root/../shared/images}" <<'PY'
+  "${FOVEA_BENCH_IMAGES:-$root/models/samples}" <<'PY'
 import os, socket, statistics, subprocess, sys, time, urllib.request
 
 fovea, run, metrics_port, mqtt_port, images = sys.argv[1:6]

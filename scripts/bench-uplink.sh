@@ -45,4 +45,4 @@ cameras = "*"
 models = ["efficientnet-lite0"]
 TOML
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
-exec "$root/target/release/fovea" bench-uplink --config "$run/fovea.toml" --images "${FOVEA_BENCH_IMAGES:-$root/../shared/images}" "$@"
+exec "$root/target/release/fovea" bench-uplink --config "$run/fovea.toml" --images "${FOVEA_BENCH_IMAGES:-$root/models/samples}" "$@"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main-path benchmark: starts mosquitto and the local Kafka broker (if not running), builds
 # fovea in release, and runs `fovea bench` with the classifier on 640x480 JPEG frames made from
-# ../shared/images. Prints frames/s (inference alone and end to end), their ratio, per-stage
+# models/samples. Prints frames/s (inference alone and end to end), their ratio, per-stage
 # latency p50/p99 and peak RSS. Extra arguments go to `fovea bench` (e.g. --frames 1000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,4 +46,4 @@ cameras = "*"
 models = ["efficientnet-lite0"]
 TOML
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
-exec "$root/target/release/fovea" bench --config "$run/fovea.toml" --images "${FOVEA_BENCH_IMAGES:-$root/../shared/images}" "$@"
+exec "$root/target/release/fovea" bench --config "$run/fovea.toml" --images "${FOVEA_BENCH_IMAGES:-$root/models/samples}" "$@"

@@ -1,22 +1,29 @@
 #!/usr/bin/env bash
 # The demo: fovea's main job end to end on this machine.
 # Installs what is missing, starts mosquitto and the local Kafka broker on loopback, runs the
-# fovea node, publishes the photos in ../shared/images as two simulated cameras (1 frame/s each),
-# and prints every result the node writes to Kafka, live, until Ctrl-C.
+# fovea node, publishes the sample photos in models/samples as two simulated cameras (1 frame/s
+# each), and prints every result the node writes to Kafka, live, until Ctrl-C.
+# A first run on a new machine spends about 20 minutes installing and building (it says what,
+# before it starts); later runs show the first result within seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 
-scripts/install-deps.sh
+# Only what the demo needs (no linters or packaging tools).
+scripts/install-deps.sh demo
 # shellcheck source=scripts/env.sh
 source scripts/env.sh
 scripts/services.sh start mqtt edge
 
-echo "== building fovea"
+if [[ -x target/release/fovea ]]; then
+  echo "== building fovea (release; only what changed)"
+else
+  echo "== building fovea (release; about 5 minutes on 2 cores the first time)"
+fi
 cargo build --release -p fovea
 fovea="$root/target/release/fovea"
 
-images="${FOVEA_DEMO_IMAGES:-$root/../shared/images}"
+images="${FOVEA_DEMO_IMAGES:-$root/models/samples}"
 run="$FOVEA_RUN_DIR/demo"
 mkdir -p "$run"
 cat > "$run/fovea.toml" <<TOML
@@ -54,7 +61,11 @@ cleanup() {
   for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
   echo "node log: $run/fovea.log"
-  echo "brokers still running; stop them with: scripts/services.sh stop"
+  # Say what is really still running: the services run in sessions of their own (Ctrl-C does
+  # not reach them) and keep their data for the next run.
+  echo "demo services:"
+  scripts/services.sh status mqtt edge || true
+  echo "(stop them with: scripts/services.sh stop)"
 }
 trap cleanup INT TERM EXIT
 

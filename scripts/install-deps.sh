@@ -1,9 +1,21 @@
 #!/usr/bin/env bash
-# Install everything fovea's build, tests and demo need, on a brand-new Debian 12
-# machine or an already prepared one. Idempotent: a warm run only checks (< 5 s).
-# Slow things (nisshi build ~15 min, ONNX Runtime wheel) are cached under
-# ${FOVEA_CACHE:-$HOME/.cache/fovea}; see scripts/env.sh for the resulting paths.
+# Install what fovea's build, demo and tests need, on a brand-new Debian 12 machine or an
+# already prepared one. Idempotent: a warm run only checks (< 5 s).
+#
+# Usage: scripts/install-deps.sh [demo|test]     (default: test, which includes demo)
+#   demo  what the demo needs: mosquitto, the build's C libraries, nisshi (the local Kafka
+#         broker, built once: ~15 min on 2 cores) and ONNX Runtime (a PyPI wheel, ~1 min)
+#   test  the demo's group, plus rustfmt/clippy and the packaging tools the tests use
+#         (systemd-analyze, dpkg-dev, debootstrap, cargo-deb: ~3 min once)
+# Slow things are cached under ${FOVEA_CACHE:-$HOME/.cache/fovea}; see scripts/env.sh for the
+# resulting paths.
 set -euo pipefail
+
+GROUP="${1:-test}"
+case "$GROUP" in
+  demo | test) ;;
+  *) printf 'usage: %s [demo|test]\n' "$0" >&2; exit 2 ;;
+esac
 
 CACHE="${FOVEA_CACHE:-$HOME/.cache/fovea}"
 NISSHI_VERSION=0.8.1
@@ -33,6 +45,25 @@ mkdir -p "$CACHE"
 exec 9>"$CACHE/.install-deps.lock"
 flock 9
 
+# ---------------------------------------------------------------- plan
+# Say what is missing and roughly how long it takes before starting, so that a first run's
+# quarter of an hour is expected, not a surprise.
+nisshi_ok() {
+  [[ -x "$NISSHI_BIN" ]] && { "$NISSHI_BIN" --version >/dev/null 2>&1 || "$NISSHI_BIN" --help >/dev/null 2>&1; }
+}
+plan=()
+command -v mosquitto >/dev/null 2>&1 || [[ -x /usr/sbin/mosquitto ]] || plan+=("Debian packages: mosquitto, libssl-dev, pkg-config (about 1 minute)")
+nisshi_ok || plan+=("nisshi $NISSHI_VERSION, the local Kafka-protocol broker, built with cargo install (about 15 minutes on 2 cores, once; cached in $NISSHI_ROOT)")
+[[ -s "$ORT_SO" ]] || plan+=("ONNX Runtime $ORT_VERSION from its PyPI wheel (about 1 minute, once)")
+if [[ $GROUP == test ]]; then
+  command -v debootstrap >/dev/null 2>&1 || plan+=("packaging tools for the tests: systemd, dpkg-dev, debootstrap (about 1 minute)")
+  cargo deb --version >/dev/null 2>&1 || plan+=("cargo-deb, built with cargo install (about 2 minutes, once)")
+fi
+if ((${#plan[@]})); then
+  log "first run on this machine: installing (group '$GROUP')"
+  for p in "${plan[@]}"; do log "  - $p"; done
+fi
+
 # ---------------------------------------------------------------- Debian
 # shellcheck source=scripts/apt.sh
 . "$(dirname "${BASH_SOURCE[0]}")/apt.sh"
@@ -51,15 +82,7 @@ if [[ $mosquitto_was_installed -eq 0 ]]; then
   fi
 fi
 
-# ---------------------------------------------------------------- Rust
-rustup component add rustfmt clippy >/dev/null 2>&1 \
-  || rustup component add rustfmt clippy # again, loudly, to show the error
-
 # ---------------------------------------------------------------- nisshi
-nisshi_ok() {
-  [[ -x "$NISSHI_BIN" ]] && { "$NISSHI_BIN" --version >/dev/null 2>&1 || "$NISSHI_BIN" --help >/dev/null 2>&1; }
-}
-
 if ! nisshi_ok; then
   # Someone (another run, or a hand-started build) may already be building it.
   if pgrep -f "$NISSHI_BUILD_PATTERN" >/dev/null; then
@@ -94,18 +117,24 @@ if [[ ! -s "$ORT_SO" ]]; then
   bash "$(dirname "${BASH_SOURCE[0]}")/fetch-ort.sh" "$(uname -m)" "$CACHE/ort" "$ORT_SO"
 fi
 
-# ---------------------------------------------------------------- packaging tools
-# For scripts/package.sh and tests/packaging.rs: systemd-analyze (verify, security), dpkg-deb
-# and dpkg-shlibdeps (dpkg-dev), debootstrap (the clean Debian the .deb is installed into; the
-# tests cache its root under $CACHE/debootstrap), and cargo-deb, built once (~2 minutes) into
-# ~/.cargo/bin. A warm run only checks.
-CARGO_DEB_VERSION=3.8.0
-install_debs systemd dpkg-dev debootstrap
-if ! cargo deb --version 2>/dev/null | grep -qxF "cargo-deb $CARGO_DEB_VERSION"; then
-  log "cargo install cargo-deb $CARGO_DEB_VERSION (about 2 minutes, once)"
-  cargo install cargo-deb --version "$CARGO_DEB_VERSION" --locked --quiet
+# ---------------------------------------------------------------- test group
+if [[ $GROUP == test ]]; then
+  rustup component add rustfmt clippy >/dev/null 2>&1 \
+    || rustup component add rustfmt clippy # again, loudly, to show the error
+
+  # Packaging tools:
+  # For scripts/package.sh and tests/packaging.rs: systemd-analyze (verify, security), dpkg-deb
+  # and dpkg-shlibdeps (dpkg-dev), debootstrap (the clean Debian the .deb is installed into; the
+  # tests cache its root under $CACHE/debootstrap), and cargo-deb, built once (~2 minutes) into
+  # ~/.cargo/bin. A warm run only checks.
+  CARGO_DEB_VERSION=3.8.0
+  install_debs systemd dpkg-dev debootstrap
+  if ! cargo deb --version 2>/dev/null | grep -qxF "cargo-deb $CARGO_DEB_VERSION"; then
+    log "cargo install cargo-deb $CARGO_DEB_VERSION (about 2 minutes, once)"
+    cargo install cargo-deb --version "$CARGO_DEB_VERSION" --locked --quiet
+  fi
 fi
-# ---------------------------------------------------------------- end of packaging tools
+# ---------------------------------------------------------------- end of test group
 
 # ---------------------------------------------------------------- done
 mosquitto_bin="$(command -v mosquitto || echo /usr/sbin/mosquitto)"

@@ -106,8 +106,10 @@ start_one() {
           --group-initial-rebalance-delay 0s)
         ;;
     esac
-    # exec in the subshell, so $! is the service's own pid.
-    (cd "$dir" && exec nohup "${cmd[@]}" >>"$logf" 2>&1 </dev/null) &
+    # exec in the subshell, so $! is the service's own pid; setsid, so that a Ctrl-C in the
+    # terminal that started it (SIGINT to that process group, e.g. the demo's) does not stop it:
+    # the services run until `scripts/services.sh stop`.
+    (cd "$dir" && exec setsid "${cmd[@]}" >>"$logf" 2>&1 </dev/null) &
     pid=$!
     echo "$pid" >"$dir/pid"
   fi

@@ -73,7 +73,7 @@ fn metrics_endpoint_counts_what_the_run_produced() {
     let photos = ["chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg"];
     let mut messages: Vec<(String, Vec<u8>)> = photos
         .iter()
-        .map(|p| ("cameras/good/frames".to_string(), shared_image(p)))
+        .map(|p| ("cameras/good/frames".to_string(), sample_image(p)))
         .collect();
     messages.push(("cameras/bad/frames".into(), corrupt_jpeg.clone()));
     messages.push(("cameras/bad/frames".into(), corrupt_jpeg));
@@ -142,7 +142,7 @@ fn readiness_follows_the_local_broker_and_the_spool_shows_the_backlog() {
         "spool.divert_after_ms = 1000\nspool.probe_interval_ms = 200",
     );
     let node = Node::start(dir.path(), &config);
-    let photo = shared_image("coffee.png");
+    let photo = sample_image("coffee.png");
     publish(
         mqtt.port,
         &[("cameras/c1/frames".into(), envelope(1, &photo))],
@@ -406,7 +406,7 @@ fn drain_deadline_and_second_signal_end_the_process_and_nothing_is_lost() {
         node_config(&mqtt, &kafka, "spool.divert_after_ms = 30000"),
     )
     .unwrap();
-    let photo = shared_image("rocket.jpg");
+    let photo = sample_image("rocket.jpg");
     let batch = |seqs: std::ops::RangeInclusive<u64>| -> Vec<(String, Vec<u8>)> {
         seqs.map(|s| ("cameras/c1/frames".to_string(), envelope(s, &photo)))
             .collect()
@@ -469,7 +469,7 @@ fn a_metrics_port_in_use_does_not_stop_the_node_and_is_taken_when_free() {
     let node = Node::start(dir.path(), &config);
     publish(
         mqtt.port,
-        &[("cameras/c1/frames".into(), shared_image("rocket.jpg"))],
+        &[("cameras/c1/frames".into(), sample_image("rocket.jpg"))],
     );
     assert_eq!(kafka.read("fovea.results", 1, WAIT).len(), 1);
     assert!(

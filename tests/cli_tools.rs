@@ -19,7 +19,7 @@ fn camera_publishes_a_folder_and_tail_prints_the_results() {
     let kafka = Kafka::start(dir.path(), "edge");
     let _node = Node::start(dir.path(), &node_config(&mqtt, &kafka, ""));
 
-    let images = repo_root().join("../shared/images");
+    let images = samples_dir();
     let out = fovea()
         .args([
             "camera",

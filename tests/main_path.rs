@@ -40,7 +40,7 @@ fn photos_go_through_mqtt_inference_and_kafka() {
     let mut messages = Vec::new();
     for (i, name) in photos.iter().enumerate() {
         let camera = name.split('.').next().unwrap().to_string();
-        let image = shared_image(name);
+        let image = sample_image(name);
         let payload = if i % 2 == 0 {
             image.clone()
         } else {
@@ -207,7 +207,7 @@ fn bad_input_is_dead_lettered_and_the_node_keeps_going() {
         "noise PNG is only {} bytes",
         over_record_limit.len()
     );
-    let good = shared_image("chelsea.png");
+    let good = sample_image("chelsea.png");
 
     let t = |c: &str| format!("cameras/{c}/frames");
     publish(
@@ -326,7 +326,7 @@ fn sigterm_drains_and_exits_cleanly() {
     let mut node = Node::start(dir.path(), &node_config(&mqtt, &kafka, ""));
     publish(
         mqtt.port,
-        &[("cameras/c1/frames".into(), shared_image("rocket.jpg"))],
+        &[("cameras/c1/frames".into(), sample_image("rocket.jpg"))],
     );
     assert_eq!(kafka.read("fovea.results", 1, WAIT).len(), 1);
     node.proc.signal("TERM");
@@ -352,7 +352,7 @@ fn skip_stale_policy_stores_frames_but_skips_inference() {
     let config = node_config(&mqtt, &kafka, extra);
     let _node = Node::start(dir.path(), &config);
     // Eight frames at once on one worker: all but the first wait longer than 1 ms.
-    let photo = shared_image("coffee.png");
+    let photo = sample_image("coffee.png");
     let messages: Vec<_> = (1..=8u64)
         .map(|seq| {
             let envelope = Frame {

@@ -200,7 +200,7 @@ fn full_spool_drops_the_oldest_frames_and_counts_every_drop() {
         dir.path(),
         &config(&mqtt, kafka_port, "max_bytes = 1048576"),
     );
-    let image = shared_image("chelsea.png");
+    let image = sample_image("chelsea.png");
     publish_numbered(&mqtt, "full", 20, &image);
     wait_log(&node, "spooled: 20 frame(s) acked", Duration::from_secs(60));
 
@@ -249,7 +249,7 @@ fn full_spool_with_backpressure_keeps_every_frame() {
     let kafka_port = free_port();
     let extra = "max_bytes = 1048576\nwhen_full = \"backpressure\"";
     let node = Node::start(dir.path(), &config(&mqtt, kafka_port, extra));
-    let image = shared_image("chelsea.png");
+    let image = sample_image("chelsea.png");
     publish_numbered(&mqtt, "full", 12, &image);
     std::thread::sleep(Duration::from_secs(5));
     assert!(
@@ -332,7 +332,7 @@ fn broker_down_at_start_then_appearing_gets_everything() {
     let mqtt = Mosquitto::start(dir.path());
     let kafka_port = free_port();
     let node = Node::start(dir.path(), &config(&mqtt, kafka_port, ""));
-    publish_numbered(&mqtt, "early", 5, &shared_image("coffee.png"));
+    publish_numbered(&mqtt, "early", 5, &sample_image("coffee.png"));
     wait_log(&node, "spooled: 5 frame(s) acked", Duration::from_secs(60));
     let kafka = Kafka::start_on(dir.path(), "edge", kafka_port);
     let all = numbered("early", 5);

@@ -260,7 +260,7 @@ fn only_frames_matching_the_rules_arrive_as_thumbnails() {
     let mut messages = Vec::new();
     for camera in ["a", "b"] {
         for photo in ["chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg"] {
-            messages.push((format!("cameras/{camera}/frames"), shared_image(photo)));
+            messages.push((format!("cameras/{camera}/frames"), sample_image(photo)));
         }
     }
     publish(mqtt.port, &messages);

@@ -19,9 +19,14 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// `../shared/images/NAME` beside the repository.
-pub fn shared_image(name: &str) -> Vec<u8> {
-    let path = repo_root().join("../shared/images").join(name);
+/// The repository's sample photos (provenance in `models/samples/README.md`).
+pub fn samples_dir() -> PathBuf {
+    repo_root().join("models/samples")
+}
+
+/// `models/samples/NAME` in the repository.
+pub fn sample_image(name: &str) -> Vec<u8> {
+    let path = samples_dir().join(name);
     std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
 }
 
@@ -633,7 +638,7 @@ pub fn small_jpegs() -> Vec<Vec<u8>> {
     ["chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg"]
         .iter()
         .map(|name| {
-            let img = image::load_from_memory(&shared_image(name)).expect("photo");
+            let img = image::load_from_memory(&sample_image(name)).expect("photo");
             let img = img
                 .resize_exact(640, 480, image::imageops::FilterType::Triangle)
                 .to_rgb8();

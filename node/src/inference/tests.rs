@@ -1,5 +1,5 @@
 //! Model tests: the real ONNX Runtime (from `ORT_DYLIB_PATH`), the shipped models in `models/`,
-//! and real photos from `../shared/images`. Without the runtime these tests fail, on purpose.
+//! and real photos from `models/samples`. Without the runtime these tests fail, on purpose.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,7 +12,7 @@ use super::postprocess::iou;
 use super::{Engine, InferenceError, Model, init_runtime, load_models};
 
 const MODELS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../models");
-const IMAGES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/images");
+const IMAGES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/samples");
 const CLASSIFIER: &str = "efficientnet-lite0";
 const DETECTOR: &str = "ssdlite-person";
 

@@ -92,11 +92,11 @@ mod tests {
 
     const CHELSEA: &[u8] = include_bytes!(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../../shared/images/chelsea.png"
+        "/../models/samples/chelsea.png"
     ));
     const ROCKET: &[u8] = include_bytes!(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../../shared/images/rocket.jpg"
+        "/../models/samples/rocket.jpg"
     ));
 
     /// Decodes `jpeg` and checks it is a JPEG of the stated size.
