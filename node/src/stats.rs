@@ -67,6 +67,15 @@ pub struct Stats {
     pub spooled: AtomicU64,
     pub drained: AtomicU64,
     pub spool_dropped: AtomicU64,
+    /// Spool appends or flushes that failed (a full disk, I/O errors): the frames stayed un-acked.
+    pub spool_write_failures: AtomicU64,
+    /// Records the local broker refused for good, by class (frame, result, dead letter): each
+    /// replaced by a `record-refused` dead letter.
+    refused: [AtomicU64; 3],
+    /// Dead letters refused for good (nothing can stand in for them).
+    pub records_given_up: AtomicU64,
+    /// Local producers rebuilt after a fatal error.
+    pub producer_rebuilds: AtomicU64,
     /// Uplink: results and frames sent to the cloud, record bytes sent, frames not replicated.
     pub uplink_results: AtomicU64,
     pub uplink_frames: AtomicU64,
@@ -166,6 +175,17 @@ impl Stats {
             .unwrap_or_default()
     }
 
+    /// Counts a record of `class` the local broker refused for good.
+    pub fn refuse(&self, class: Class) {
+        Stats::incr(&self.refused[class_index(class)]);
+    }
+
+    /// Records refused for good, by class.
+    pub fn refused(&self) -> [(Class, u64); 3] {
+        [Class::Frame, Class::Result, Class::DeadLetter]
+            .map(|c| (c, Stats::get(&self.refused[class_index(c)])))
+    }
+
     /// Counts a dead letter of `kind`.
     pub fn reject(&self, kind: &str) {
         if let Ok(mut map) = self.rejected.lock() {
@@ -231,5 +251,13 @@ mod tests {
             s.set_local_broker(mode);
             assert_eq!(s.local_broker(), Some(mode));
         }
+    }
+}
+
+fn class_index(class: Class) -> usize {
+    match class {
+        Class::Frame => 0,
+        Class::Result => 1,
+        Class::DeadLetter => 2,
     }
 }

@@ -117,7 +117,7 @@ pub fn render(health: &Health, process: &Process) -> String {
 }
 
 fn counters(out: &mut Out, s: &Stats) {
-    let simple: [(&str, &str, &AtomicU64); 7] = [
+    let simple: [(&str, &str, &AtomicU64); 10] = [
         (
             "fovea_frames_received_total",
             "Frames taken from MQTT (whole frames, after chunk reassembly).",
@@ -153,10 +153,37 @@ fn counters(out: &mut Out, s: &Stats) {
             "Records the producer refused or a broker failed (they are spooled or retried).",
             &s.delivery_failures,
         ),
+        (
+            "fovea_spool_write_failures_total",
+            "Spool appends or flushes that failed (e.g. a full disk); the frames stayed un-acked and were retried.",
+            &s.spool_write_failures,
+        ),
+        (
+            "fovea_records_given_up_total",
+            "Dead letters the local broker refused for good: nothing could stand in for them (logged with their record id).",
+            &s.records_given_up,
+        ),
+        (
+            "fovea_producer_rebuilds_total",
+            "Local producers rebuilt after a fatal error.",
+            &s.producer_rebuilds,
+        ),
     ];
     for (name, help, counter) in simple {
         out.help(name, "counter", help);
         out.line(name, &[], Stats::get(counter) as f64);
+    }
+    out.help(
+        "fovea_records_refused_total",
+        "counter",
+        "Records the local broker refused for good (too large, invalid, not authorized), by kind; each was replaced by a record-refused dead letter.",
+    );
+    for (class, n) in s.refused() {
+        out.line(
+            "fovea_records_refused_total",
+            &[("kind", class_label(class))],
+            n as f64,
+        );
     }
     out.help(
         "fovea_records_delivered_total",
@@ -443,5 +470,13 @@ mod tests {
                 "{line}"
             );
         }
+    }
+}
+
+fn class_label(class: crate::spool::Class) -> &'static str {
+    match class {
+        crate::spool::Class::Frame => "frame",
+        crate::spool::Class::Result => "result",
+        crate::spool::Class::DeadLetter => "dead_letter",
     }
 }

@@ -1,19 +1,98 @@
-//! The rdkafka producer for the local broker, and the one way records are handed to it.
+//! The rdkafka producer for the local broker, behind [`Produce`] so that the outbox loop can be
+//! driven by a test double.
 //!
 //! Settings and why: idempotence (no duplicates or reordering from librdkafka's own retries;
-//! implies acks=all); compression from config;
-//! `message.max.bytes` just above our record limit, so librdkafka enforces what the broker would;
+//! implies acks=all); compression from config; `message.max.bytes` just above our record limit
+//! ([`RecordLimit::producer_max_bytes`]), so librdkafka enforces what the broker would;
 //! `message.timeout.ms = spool.divert_after_ms`: a record the broker has not acknowledged by then
 //! comes back as failed and goes to the spool, so a missing broker never holds a frame's ack for
 //! longer than that.
 
-use super::records::Record;
 use crate::config::KafkaConfig;
+use crate::records::{Record, RecordLimit};
 use rdkafka::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
+
+/// The broker's answer about one record, to be awaited.
+pub type Delivery = Pin<Box<dyn Future<Output = Result<(), KafkaError>> + Send>>;
+
+/// What the outbox needs of a producer.
+pub trait Produce: Send + 'static {
+    /// Hands `record` over, waiting while the client's queue is full (that is the back-pressure
+    /// from Kafka to the pipeline). `Err`: refused at once (e.g. too large for the client).
+    fn enqueue(&self, record: &Record)
+    -> impl Future<Output = Result<Delivery, KafkaError>> + Send;
+
+    /// Replaces a producer that reported a fatal error.
+    fn rebuild(&mut self) -> anyhow::Result<()>;
+
+    /// Waits up to `deadline` for what the client holds to be delivered.
+    fn flush(&self, deadline: Duration);
+}
+
+/// The local broker's producer.
+pub struct KafkaProducer {
+    producer: FutureProducer,
+    config: ClientConfig,
+}
+
+impl KafkaProducer {
+    pub fn new(cfg: &KafkaConfig, client_id: &str, divert_after_ms: u64) -> anyhow::Result<Self> {
+        let config = client_config(cfg, client_id, divert_after_ms);
+        Ok(KafkaProducer {
+            producer: config.create()?,
+            config,
+        })
+    }
+
+    /// The rdkafka handle (for the uplink's and shutdown's flush).
+    pub fn handle(&self) -> FutureProducer {
+        self.producer.clone()
+    }
+}
+
+impl Produce for KafkaProducer {
+    fn enqueue(
+        &self,
+        record: &Record,
+    ) -> impl Future<Output = Result<Delivery, KafkaError>> + Send {
+        let producer = self.producer.clone();
+        let record = record.clone();
+        async move {
+            let future = enqueue(&producer, &record).await?;
+            Ok(Box::pin(async move {
+                match future.await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err((e, _))) => Err(e),
+                    Err(_) => Err(KafkaError::Canceled),
+                }
+            }) as Delivery)
+        }
+    }
+
+    fn rebuild(&mut self) -> anyhow::Result<()> {
+        let fatal = self.producer.client().fatal_error();
+        log::error!(
+            "local producer failed fatally ({}); building a new one",
+            fatal.map_or_else(
+                || "no detail".to_string(),
+                |(code, why)| format!("{code:?}: {why}")
+            )
+        );
+        self.producer = self.config.create()?;
+        Ok(())
+    }
+
+    fn flush(&self, deadline: Duration) {
+        if let Err(e) = self.producer.flush(deadline) {
+            log::warn!("producer flush: {e}");
+        }
+    }
+}
 
 pub fn client_config(cfg: &KafkaConfig, client_id: &str, divert_after_ms: u64) -> ClientConfig {
     let mut c = ClientConfig::new();
@@ -27,7 +106,9 @@ pub fn client_config(cfg: &KafkaConfig, client_id: &str, divert_after_ms: u64) -
         .set("reconnect.backoff.max.ms", "2000")
         .set(
             "message.max.bytes",
-            (cfg.record_limit_bytes + 4096).to_string(),
+            RecordLimit::new(cfg.record_limit_bytes)
+                .producer_max_bytes()
+                .to_string(),
         )
         .set("log.connection.close", "false");
     for (k, v) in &cfg.producer {
@@ -36,43 +117,16 @@ pub fn client_config(cfg: &KafkaConfig, client_id: &str, divert_after_ms: u64) -
     c
 }
 
-pub fn create(
-    cfg: &KafkaConfig,
-    client_id: &str,
-    divert_after_ms: u64,
-) -> anyhow::Result<FutureProducer> {
-    Ok(client_config(cfg, client_id, divert_after_ms).create()?)
-}
-
-/// Hands a record to librdkafka. When its queue is full this waits (that is the back-pressure
-/// from Kafka to the pipeline); other errors are returned, they mean the record can never go.
+/// Hands a record to librdkafka. When its queue is full this waits; other errors are returned
+/// for the caller to classify ([`crate::records::classify`]).
 pub async fn enqueue(
     producer: &FutureProducer,
     record: &Record,
 ) -> Result<DeliveryFuture, KafkaError> {
-    let headers = record.headers.iter().map(|(k, v)| (*k, v.as_str()));
-    enqueue_parts(producer, &record.topic, &record.key, headers, &record.value).await
-}
-
-/// [`enqueue`] for a record in parts (a spooled record being drained).
-pub async fn enqueue_parts<'a>(
-    producer: &FutureProducer,
-    topic: &str,
-    key: &str,
-    header_pairs: impl Iterator<Item = (&'a str, &'a str)>,
-    value: &[u8],
-) -> Result<DeliveryFuture, KafkaError> {
-    let mut headers = OwnedHeaders::new();
-    for (key, value) in header_pairs {
-        headers = headers.insert(Header {
-            key,
-            value: Some(value),
-        });
-    }
-    let mut rec = FutureRecord::to(topic)
-        .key(key)
-        .payload(value)
-        .headers(headers);
+    let mut rec = FutureRecord::to(&record.topic)
+        .key(&record.key)
+        .payload(&record.value)
+        .headers(record.kafka_headers());
     loop {
         match producer.send_result(rec) {
             Ok(delivery) => return Ok(delivery),

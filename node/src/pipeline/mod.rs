@@ -20,9 +20,9 @@ use crate::config::Config;
 use crate::config::LargeFramePolicy;
 use crate::inference;
 use crate::ingress::mqtt::{Ingress, LargeFrameLimits};
-use crate::outbox::records::FRAMING_ALLOWANCE;
-use crate::outbox::records::Naming;
+use crate::outbox::plan::RecordPlanner;
 use crate::outbox::{Outbox, producer};
+use crate::records::{FRAMING_ALLOWANCE, RecordLimit};
 use crate::spool::{SledSpool, Spool, SpoolOptions};
 use crate::stats::Stats;
 use anyhow::Context;
@@ -70,7 +70,8 @@ pub async fn run(
     let spool = open_spool(&cfg)?;
     // Topics are created by the outbox when it first reaches the broker: a node whose broker is
     // down at start still takes frames (into the spool).
-    let producer = producer::create(k, &format!("fovea-{node_id}"), cfg.spool.divert_after_ms)?;
+    let producer =
+        producer::KafkaProducer::new(k, &format!("fovea-{node_id}"), cfg.spool.divert_after_ms)?;
 
     let claims = start_claim_checks(&cfg, &shutdown).await?;
 
@@ -97,11 +98,11 @@ pub async fn run(
     );
 
     let outbox = Outbox {
-        producer: producer.clone(),
-        naming: Naming {
+        producer,
+        planner: RecordPlanner {
             node_id,
             topics: k.topics.clone(),
-            record_limit: k.record_limit_bytes,
+            limit: RecordLimit::new(k.record_limit_bytes),
             large_policy: cfg.large_frames.policy,
         },
         stats: stats.clone(),
@@ -152,7 +153,6 @@ pub async fn run(
         }
     })
     .await?;
-    Outbox::flush(&producer, Duration::from_secs(5));
     Ok(())
 }
 

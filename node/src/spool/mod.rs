@@ -175,6 +175,15 @@ pub trait Spool: Send {
     /// `max_bytes`), under `DropOldestFrames` after dropping oldest frames to make room.
     fn append(&mut self, rec: &SpoolRecord) -> Result<Appended, SpoolError>;
 
+    /// Appends the records of one frame (its chunks, result, dead letters) as one unit.
+    fn append_frame(&mut self, records: &[SpoolRecord]) -> Result<Appended, SpoolError> {
+        let mut last = Appended::Refused;
+        for rec in records {
+            last = self.append(rec)?;
+        }
+        Ok(last)
+    }
+
     /// Makes every record appended (and removed, and every drop counted) so far durable: sled's
     /// flush, which fsyncs. Acknowledge frames only after this returned `Ok`.
     fn flush(&mut self) -> Result<(), SpoolError>;

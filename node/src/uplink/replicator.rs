@@ -18,7 +18,8 @@ use super::bucket::TokenBucket;
 use super::rules::{FrameSelector, Verdict};
 use super::thumbnail::thumbnail;
 use crate::config::{Config, UplinkConfig};
-use crate::outbox::producer::enqueue_parts;
+use crate::outbox::producer::enqueue;
+use crate::records::{Record, RecordKind};
 use crate::stats::{Stage, Stats};
 use anyhow::Context;
 use fovea_proto::chunks::{self, Aggregator, Limits, Outcome};
@@ -560,8 +561,14 @@ impl Replicator {
             if !wait.is_zero() {
                 tokio::time::sleep(wait).await;
             }
-            let headers = out.headers.iter().map(|(k, v)| (k.as_str(), v.as_str()));
-            match enqueue_parts(&self.producer, &out.topic, &out.key, headers, &out.value).await {
+            let record = Record {
+                kind: RecordKind::Result,
+                topic: out.topic.clone(),
+                key: out.key.clone(),
+                headers: out.headers.clone(),
+                value: out.value.clone(),
+            };
+            match enqueue(&self.producer, &record).await {
                 Ok(f) => {
                     self.stats
                         .uplink_bytes
