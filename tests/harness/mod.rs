@@ -299,7 +299,7 @@ impl Kafka {
 }
 
 #[allow(unused_imports)] // not every test binary reads headers
-pub use fovea::tools::tail::header;
+pub use fovea::records::header_of as header;
 
 /// The fovea node under test.
 pub struct Node {

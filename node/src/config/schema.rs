@@ -80,6 +80,10 @@ pub struct MqttConfig {
     pub keep_alive_secs: u64,
     /// Largest frame accepted, in bytes. Larger payloads are dead-lettered, not inferred.
     pub max_frame_bytes: usize,
+    /// Largest camera metadata (the `Frame` envelope's `metadata` map, keys plus values) taken
+    /// along into the frame and result records. More is dead-lettered as `metadata-too-large`:
+    /// it would crowd the result out of its record.
+    pub max_metadata_bytes: usize,
     /// First and largest delay between reconnect attempts; the delay doubles with jitter.
     pub reconnect_min_ms: u64,
     pub reconnect_max_ms: u64,

@@ -145,6 +145,16 @@ fn mqtt(config: &Config, p: &mut Problems) {
         ),
     );
     p.check(
+        // (A record limit out of range is reported on its own.)
+        !RECORD_LIMIT_RANGE.contains(&config.kafka.record_limit_bytes)
+            || m.max_metadata_bytes <= config.kafka.record_limit_bytes / 2,
+        "mqtt.max_metadata_bytes",
+        format!(
+            "{} is above half of kafka.record_limit_bytes ({}): the result record would not fit",
+            m.max_metadata_bytes, config.kafka.record_limit_bytes
+        ),
+    );
+    p.check(
         m.reconnect_min_ms > 0,
         "mqtt.reconnect_min_ms",
         "must be above 0",

@@ -33,6 +33,14 @@ pub enum Rejection {
     Decode(String),
     #[error("image is {width}x{height} pixels; the minimum is {min}x{min}")]
     TooSmall { width: u32, height: u32, min: u32 },
+    #[error(
+        "camera metadata of {bytes} bytes in {entries} entries exceeds mqtt.max_metadata_bytes ({limit})"
+    )]
+    MetadataTooLarge {
+        bytes: usize,
+        entries: usize,
+        limit: usize,
+    },
     #[error("chunked upload: {0}")]
     BadChunk(String),
     #[error("chunked upload incomplete: {0}")]
@@ -46,6 +54,7 @@ impl Rejection {
     pub fn kind(&self) -> &'static str {
         match self {
             Rejection::Empty => "empty-payload",
+            Rejection::MetadataTooLarge { .. } => "metadata-too-large",
             Rejection::TooLarge { .. } => "too-large",
             Rejection::Unrecognised(_) => "unrecognised-payload",
             Rejection::EnvelopeEmpty => "empty-envelope",
@@ -74,7 +83,8 @@ pub fn sniff(data: &[u8]) -> Option<&'static str> {
 
 /// Turns a payload published by `camera` into a [`Frame`] (not yet decoded: that is the workers'
 /// job, off the I/O threads). Sets `camera_id`, `content_type` and leaves fovea's own fields unset.
-pub fn parse(camera: &str, payload: Bytes) -> Result<Frame, Rejection> {
+/// An envelope whose metadata exceeds `max_metadata_bytes` is refused.
+pub fn parse(camera: &str, payload: Bytes, max_metadata_bytes: usize) -> Result<Frame, Rejection> {
     if payload.is_empty() {
         return Err(Rejection::Empty);
     }
@@ -99,6 +109,14 @@ pub fn parse(camera: &str, payload: Bytes) -> Result<Frame, Rejection> {
         return Err(Rejection::CameraMismatch {
             envelope: frame.camera_id,
             topic: camera.to_string(),
+        });
+    }
+    let bytes: usize = frame.metadata.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if bytes > max_metadata_bytes {
+        return Err(Rejection::MetadataTooLarge {
+            bytes,
+            entries: frame.metadata.len(),
+            limit: max_metadata_bytes,
         });
     }
     let sniffed = sniff(&frame.data).ok_or_else(|| unrecognised(&frame.data))?;
@@ -142,11 +160,11 @@ mod tests {
 
     #[test]
     fn bare_images_are_sniffed() {
-        let f = parse("c1", Bytes::from_static(TINY_JPEG)).unwrap();
+        let f = parse("c1", Bytes::from_static(TINY_JPEG), 1 << 16).unwrap();
         assert_eq!(f.content_type, JPEG);
         assert_eq!(f.camera_id, "c1");
         assert_eq!(&f.data[..], TINY_JPEG);
-        let png = parse("c1", Bytes::from_static(b"\x89PNG\r\n\x1a\nrest")).unwrap();
+        let png = parse("c1", Bytes::from_static(b"\x89PNG\r\n\x1a\nrest"), 1 << 16).unwrap();
         assert_eq!(png.content_type, PNG);
     }
 
@@ -159,7 +177,7 @@ mod tests {
             metadata: [("site".to_string(), "dock".to_string())].into(),
             ..Frame::default()
         };
-        let f = parse("c1", env.encode_to_vec().into()).unwrap();
+        let f = parse("c1", env.encode_to_vec().into(), 1 << 16).unwrap();
         assert_eq!((f.sequence, f.captured_at_ms), (42, 7));
         assert_eq!(f.metadata["site"], "dock");
         assert_eq!(f.content_type, JPEG);
@@ -167,34 +185,52 @@ mod tests {
     }
 
     #[test]
+    fn metadata_over_the_limit_is_refused_with_its_size() {
+        let env = Frame {
+            data: Bytes::from_static(TINY_JPEG),
+            metadata: (0..40)
+                .map(|i| (format!("k{i:02}"), "v".repeat(50_000)))
+                .collect(),
+            ..Frame::default()
+        };
+        let err = parse("c1", env.encode_to_vec().into(), 1 << 16).unwrap_err();
+        assert_eq!(err.kind(), "metadata-too-large");
+        assert_eq!(
+            err.to_string(),
+            "camera metadata of 2000120 bytes in 40 entries exceeds mqtt.max_metadata_bytes (65536)"
+        );
+        assert!(parse("c1", env.encode_to_vec().into(), 2 << 20).is_ok());
+    }
+
+    #[test]
     fn bad_payloads_are_rejected_with_a_kind() {
         assert_eq!(
-            parse("c", Bytes::new()).unwrap_err().kind(),
+            parse("c", Bytes::new(), 1 << 16).unwrap_err().kind(),
             "empty-payload"
         );
-        let junk = parse("c", Bytes::from_static(b"\xff\xff\xff\xffhello")).unwrap_err();
+        let junk = parse("c", Bytes::from_static(b"\xff\xff\xff\xffhello"), 1 << 16).unwrap_err();
         assert_eq!(junk.kind(), "unrecognised-payload");
-        let text = parse("c", Bytes::from_static(b"hello world")).unwrap_err();
+        let text = parse("c", Bytes::from_static(b"hello world"), 1 << 16).unwrap_err();
         assert_eq!(text.kind(), "unrecognised-payload");
         let other_cam = Frame {
             camera_id: "c2".into(),
             data: Bytes::from_static(TINY_JPEG),
             ..Frame::default()
         };
-        let err = parse("c1", other_cam.encode_to_vec().into()).unwrap_err();
+        let err = parse("c1", other_cam.encode_to_vec().into(), 1 << 16).unwrap_err();
         assert_eq!(err.kind(), "camera-mismatch");
         let no_image = Frame {
             captured_at_ms: 5,
             ..Frame::default()
         };
-        let err = parse("c1", no_image.encode_to_vec().into()).unwrap_err();
+        let err = parse("c1", no_image.encode_to_vec().into(), 1 << 16).unwrap_err();
         assert_eq!(err.kind(), "empty-envelope");
     }
 
     #[test]
     fn content_hash_id_is_stable() {
-        let a = parse("c", Bytes::from_static(TINY_JPEG)).unwrap();
-        let b = parse("c", Bytes::from_static(TINY_JPEG)).unwrap();
+        let a = parse("c", Bytes::from_static(TINY_JPEG), 1 << 16).unwrap();
+        let b = parse("c", Bytes::from_static(TINY_JPEG), 1 << 16).unwrap();
         assert_eq!(frame_id(&a), frame_id(&b));
         assert!(frame_id(&a).starts_with('h'));
         assert_eq!(record_id("n", "c", "s1"), "n/c/s1");

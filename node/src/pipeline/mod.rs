@@ -84,6 +84,7 @@ pub async fn run(
         policy: cfg.inference.when_behind,
         max_age: Duration::from_millis(cfg.inference.max_frame_age_ms),
         min_side: cfg.inference.min_image_side,
+        max_metadata: cfg.mqtt.max_metadata_bytes,
         stats: stats.clone(),
     };
     let threads = workers::spawn(&cfg.inference, &models, shared, jobs_rx, done_tx.clone())?;

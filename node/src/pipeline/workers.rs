@@ -37,6 +37,8 @@ pub struct WorkerShared {
     pub policy: WhenBehind,
     pub max_age: Duration,
     pub min_side: u32,
+    /// `mqtt.max_metadata_bytes`.
+    pub max_metadata: usize,
     pub stats: Arc<Stats>,
 }
 
@@ -79,7 +81,7 @@ pub fn process(shared: &WorkerShared, engine: &mut Engine, job: Job) -> Done {
     shared
         .stats
         .record(Stage::Queue, started.duration_since(meta.received));
-    let verdict = match payload::parse(&meta.camera, payload.clone()) {
+    let verdict = match payload::parse(&meta.camera, payload.clone(), shared.max_metadata) {
         Err(rejection) => Verdict::Rejected { rejection, payload },
         Ok(mut frame) => {
             let stale = shared.policy == WhenBehind::SkipStale

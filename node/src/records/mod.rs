@@ -27,5 +27,5 @@ pub use build::{
     truncate_text,
 };
 pub use policy::SizePolicy;
-pub use record::{Record, RecordKind, headers_of};
+pub use record::{Record, RecordKind, header_of, headers_of};
 pub use refusal::{Refusal, classify};

@@ -178,6 +178,15 @@ pub(super) fn headers_size(headers: &[(String, String)]) -> usize {
     headers.iter().map(|(k, v)| k.len() + v.len()).sum()
 }
 
+/// The value of header `name` on a message (the first, if repeated), read lossily as UTF-8.
+pub fn header_of<M: Message>(msg: &M, name: &str) -> Option<String> {
+    msg.headers()?
+        .iter()
+        .find(|x| x.key == name)
+        .and_then(|x| x.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
 /// A message's headers as (name, value) pairs.
 pub fn headers_of<M: Message>(msg: &M) -> Vec<(String, String)> {
     msg.headers()

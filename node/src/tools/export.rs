@@ -119,7 +119,7 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<Summary> {
             Some(Ok(msg)) => {
                 last = Instant::now();
                 let value = msg.payload().unwrap_or_default();
-                match super::tail::header(&msg, h::SCHEMA).as_deref() {
+                match crate::records::header_of(&msg, h::SCHEMA).as_deref() {
                     Some(h::SCHEMA_FRAME) => {
                         let frame = Frame::decode(value).context("undecodable frame record")?;
                         let claimed = frame.claim.is_some();

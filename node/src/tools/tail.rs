@@ -2,13 +2,14 @@
 //! line per record. Uses partition assignment (no consumer group), so it never disturbs the
 //! offsets of real consumers.
 
+use crate::records::header_of;
 use anyhow::Context;
 use clap::Args;
 use fovea_proto::headers as h;
 use fovea_proto::v1::{DeadLetter, Frame, InferenceResult, ModelOutput};
 use prost::Message as _;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::Message;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use std::time::{Duration, Instant};
 
@@ -113,13 +114,13 @@ pub fn run(args: TailArgs) -> anyhow::Result<()> {
             Some(Ok(msg)) => {
                 seen += 1;
                 last = Instant::now();
-                let schema = header(&msg, h::SCHEMA).unwrap_or_default();
+                let schema = header_of(&msg, h::SCHEMA).unwrap_or_default();
                 if args.dedupe
-                    && let Some(id) = header(&msg, h::RECORD_ID)
+                    && let Some(id) = header_of(&msg, h::RECORD_ID)
                     && !printed.first(format!(
                         "{}/{schema}/{id}/{:?}",
                         msg.topic(),
-                        header(&msg, fovea_proto::chunks::HEADER_CHUNK_INDEX)
+                        header_of(&msg, fovea_proto::chunks::HEADER_CHUNK_INDEX)
                     ))
                 {
                     continue;
@@ -132,16 +133,6 @@ pub fn run(args: TailArgs) -> anyhow::Result<()> {
             }
         }
     }
-}
-
-/// Value of a header on a Kafka message.
-pub fn header<M: Message>(msg: &M, name: &str) -> Option<String> {
-    let headers = msg.headers()?;
-    headers
-        .iter()
-        .find(|h| h.key == name)
-        .and_then(|h| h.value)
-        .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
 /// One line describing a fovea record, by its schema header.
