@@ -215,6 +215,14 @@ impl Stats {
     }
 }
 
+fn class_index(class: Class) -> usize {
+    match class {
+        Class::Frame => 0,
+        Class::Result => 1,
+        Class::DeadLetter => 2,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -251,13 +259,5 @@ mod tests {
             s.set_local_broker(mode);
             assert_eq!(s.local_broker(), Some(mode));
         }
-    }
-}
-
-fn class_index(class: Class) -> usize {
-    match class {
-        Class::Frame => 0,
-        Class::Result => 1,
-        Class::DeadLetter => 2,
     }
 }

@@ -377,6 +377,14 @@ fn escape(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
+fn class_label(class: crate::spool::Class) -> &'static str {
+    match class {
+        crate::spool::Class::Frame => "frame",
+        crate::spool::Class::Result => "result",
+        crate::spool::Class::DeadLetter => "dead_letter",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -470,13 +478,5 @@ mod tests {
                 "{line}"
             );
         }
-    }
-}
-
-fn class_label(class: crate::spool::Class) -> &'static str {
-    match class {
-        crate::spool::Class::Frame => "frame",
-        crate::spool::Class::Result => "result",
-        crate::spool::Class::DeadLetter => "dead_letter",
     }
 }

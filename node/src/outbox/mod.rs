@@ -18,7 +18,7 @@ pub mod producer;
 pub mod state;
 pub mod topics;
 
-use crate::config::{KafkaConfig, SpoolConfig};
+use crate::config::SpoolConfig;
 use crate::pipeline::job::{Done, JobMeta, now_ms};
 use crate::pipeline::sequencer::Sequencer;
 use crate::records::{Record, RecordKind, classify};
@@ -45,8 +45,6 @@ pub struct Outbox<P: Produce> {
     pub stats: Arc<Stats>,
     pub spool: Box<dyn Spool>,
     pub spool_cfg: SpoolConfig,
-    /// For creating the topics when the broker is first reached.
-    pub kafka: KafkaConfig,
 }
 
 /// A frame on its way: its acknowledgement and timings.
@@ -182,7 +180,7 @@ impl<P: Produce> Outbox<P> {
                 Action::Produce { id, index, record } => {
                     let reports = run.reports.clone();
                     let (stats, class) = (self.stats.clone(), record.kind.class());
-                    match self.producer.enqueue(&record).await {
+                    match self.producer.enqueue(record).await {
                         Ok(delivery) => {
                             tokio::spawn(async move {
                                 let event = match delivery.await {
@@ -217,7 +215,7 @@ impl<P: Produce> Outbox<P> {
                 Action::ProduceDrained { seq, record } => {
                     let reports = run.reports.clone();
                     let (stats, class) = (self.stats.clone(), record.kind.class());
-                    let answer = match self.producer.enqueue(&record).await {
+                    let answer = match self.producer.enqueue(record).await {
                         Ok(delivery) => delivery,
                         Err(e) => Box::pin(async move { Err(e) }),
                     };
@@ -267,18 +265,12 @@ impl<P: Produce> Outbox<P> {
                 }
                 Action::Remove(seqs) => self.remove(&seqs),
                 Action::Probe => {
-                    let (kafka, topics, reports) = (
-                        self.kafka.clone(),
-                        self.planner.topics.clone(),
-                        run.reports.clone(),
-                    );
+                    let t = &self.planner.topics;
+                    let names = vec![t.frames.clone(), t.results.clone(), t.deadletter.clone()];
+                    let probe = self.producer.probe(names);
+                    let reports = run.reports.clone();
                     tokio::spawn(async move {
-                        let names = [
-                            topics.frames.as_str(),
-                            topics.results.as_str(),
-                            topics.deadletter.as_str(),
-                        ];
-                        let ok = match topics::create(&kafka, &names).await {
+                        let ok = match probe.await {
                             Ok(()) => true,
                             Err(e) => {
                                 log::debug!("local broker still unreachable: {e}");
@@ -441,3 +433,7 @@ impl<P: Produce> Outbox<P> {
         run.last_drop_log = Instant::now();
     }
 }
+
+#[cfg(test)]
+#[path = "loop_tests.rs"]
+mod loop_tests;

@@ -15,6 +15,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The broker's answer about one record, to be awaited.
@@ -24,8 +25,16 @@ pub type Delivery = Pin<Box<dyn Future<Output = Result<(), KafkaError>> + Send>>
 pub trait Produce: Send + 'static {
     /// Hands `record` over, waiting while the client's queue is full (that is the back-pressure
     /// from Kafka to the pipeline). `Err`: refused at once (e.g. too large for the client).
-    fn enqueue(&self, record: &Record)
-    -> impl Future<Output = Result<Delivery, KafkaError>> + Send;
+    fn enqueue(
+        &self,
+        record: Arc<Record>,
+    ) -> impl Future<Output = Result<Delivery, KafkaError>> + Send;
+
+    /// Whether the broker is reachable, creating `topics` if they are missing.
+    fn probe(
+        &self,
+        topics: Vec<String>,
+    ) -> impl Future<Output = Result<(), String>> + Send + use<Self>;
 
     /// Replaces a producer that reported a fatal error.
     fn rebuild(&mut self) -> anyhow::Result<()>;
@@ -38,6 +47,8 @@ pub trait Produce: Send + 'static {
 pub struct KafkaProducer {
     producer: FutureProducer,
     config: ClientConfig,
+    /// For probing and creating topics.
+    kafka: KafkaConfig,
 }
 
 impl KafkaProducer {
@@ -46,6 +57,7 @@ impl KafkaProducer {
         Ok(KafkaProducer {
             producer: config.create()?,
             config,
+            kafka: cfg.clone(),
         })
     }
 
@@ -58,10 +70,9 @@ impl KafkaProducer {
 impl Produce for KafkaProducer {
     fn enqueue(
         &self,
-        record: &Record,
+        record: Arc<Record>,
     ) -> impl Future<Output = Result<Delivery, KafkaError>> + Send {
         let producer = self.producer.clone();
-        let record = record.clone();
         async move {
             let future = enqueue(&producer, &record).await?;
             Ok(Box::pin(async move {
@@ -71,6 +82,17 @@ impl Produce for KafkaProducer {
                     Err(_) => Err(KafkaError::Canceled),
                 }
             }) as Delivery)
+        }
+    }
+
+    fn probe(
+        &self,
+        topics: Vec<String>,
+    ) -> impl Future<Output = Result<(), String>> + Send + use<> {
+        let kafka = self.kafka.clone();
+        async move {
+            let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+            super::topics::create(&kafka, &names).await
         }
     }
 

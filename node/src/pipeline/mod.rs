@@ -109,7 +109,6 @@ pub async fn run(
         stats: stats.clone(),
         spool,
         spool_cfg: cfg.spool.clone(),
-        kafka: k.clone(),
     };
     let (drained_tx, drained_rx) = watch::channel(false);
     let outbox_task = tokio::spawn(async move {
