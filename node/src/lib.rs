@@ -5,6 +5,8 @@
 //! - [`config`]: the TOML config: typed, every error at once, env overrides, default config.
 //! - [`ingress`]: MQTT connection, payload parsing, camera ids, manual acks.
 //! - [`inference`]: model manifests, preprocessing, ONNX Runtime sessions, postprocessing.
+//! - [`job`]: what travels between the stages (jobs, finished jobs, MQTT acks, rejections, ids);
+//!   a leaf that no stage reaches around.
 //! - [`pipeline`]: the wiring: bounded queue, worker threads, per-camera ordering, shutdown.
 //! - [`outbox`]: Kafka records (and the size policy), the producer, topic creation.
 //! - [`records`]: Kafka records: one type, size policy, sizing, chunking, headers, refusals.
@@ -22,6 +24,7 @@ pub mod cli;
 pub mod config;
 pub mod inference;
 pub mod ingress;
+pub mod job;
 pub mod logging;
 pub mod metrics;
 pub mod outbox;

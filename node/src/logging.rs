@@ -104,7 +104,7 @@ impl Log for Stderr {
             Level::Debug => "DEBUG",
             Level::Trace => "TRACE",
         };
-        let ts = crate::pipeline::job::now_ms();
+        let ts = crate::job::now_ms();
         let _ = writeln!(
             std::io::stderr().lock(),
             "{}.{:03} {level} {}: {}{}",

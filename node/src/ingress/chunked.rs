@@ -8,8 +8,8 @@
 //! `large_frames.chunk_timeout_ms`, or that is inconsistent, becomes a dead letter (and its
 //! chunks are acked: the dead letter is the durable record of what happened).
 
-use super::ack::Ack;
 use super::payload::Rejection;
+use crate::job::Ack;
 use bytes::Bytes;
 use fovea_proto::chunks::{Aggregator, Limits, Outcome};
 use fovea_proto::v1::{Frame, FrameChunk};

@@ -7,7 +7,6 @@
 //! - `backoff`: exponential reconnect delays with jitter.
 //! - `chunked`: reassembly of frames uploaded in `FrameChunk` pieces.
 
-pub mod ack;
 pub mod backoff;
 pub mod chunked;
 pub mod mqtt;

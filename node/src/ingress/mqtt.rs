@@ -4,13 +4,13 @@
 //! (mosquitto's `max_inflight_messages`) bounds how many frames are in the pipeline at once: that
 //! is the back-pressure to the cameras when inference or Kafka fall behind.
 
-use super::ack::Ack;
 use super::backoff::Backoff;
 use super::chunked::{ChunkedUploads, Upload};
 use super::payload::Rejection;
 use super::topic;
 use crate::config::{LargeFramesConfig, MqttConfig};
-use crate::pipeline::job::{Done, Job, JobMeta, Verdict, now_ms};
+use crate::job::Ack;
+use crate::job::{Done, Job, JobMeta, Verdict, now_ms};
 use crate::stats::Stats;
 use bytes::Bytes;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS};

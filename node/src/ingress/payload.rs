@@ -4,71 +4,14 @@
 //! `data` is a JPEG or PNG. The result is a [`Frame`] with the image bytes untouched (fovea stores
 //! exactly what the camera sent) and a stable frame id for the record id.
 
+pub use crate::job::Rejection;
+use crate::job::sha256_hex;
 use bytes::Bytes;
 use fovea_proto::v1::Frame;
 use prost::Message;
-use sha2::{Digest, Sha256};
 
 pub const JPEG: &str = "image/jpeg";
 pub const PNG: &str = "image/png";
-
-/// Why a payload is not a frame. Each is dead-lettered with [`Rejection::kind`] and its message.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum Rejection {
-    #[error("empty payload")]
-    Empty,
-    #[error("payload of {size} bytes exceeds mqtt.max_frame_bytes ({limit})")]
-    TooLarge { size: usize, limit: usize },
-    #[error("payload is neither a JPEG, a PNG nor a fovea.v1.Frame envelope (first bytes: {0})")]
-    Unrecognised(String),
-    #[error("Frame envelope holds no image data")]
-    EnvelopeEmpty,
-    #[error("Frame envelope content_type {0:?} is not image/jpeg or image/png")]
-    UnsupportedType(String),
-    #[error("Frame envelope names camera {envelope:?} but was published for camera {topic:?}")]
-    CameraMismatch { envelope: String, topic: String },
-    #[error("topic {0:?} does not name a camera under any subscribed filter")]
-    BadTopic(String),
-    #[error("image could not be decoded: {0}")]
-    Decode(String),
-    #[error("image is {width}x{height} pixels; the minimum is {min}x{min}")]
-    TooSmall { width: u32, height: u32, min: u32 },
-    #[error(
-        "camera metadata of {bytes} bytes in {entries} entries exceeds mqtt.max_metadata_bytes ({limit})"
-    )]
-    MetadataTooLarge {
-        bytes: usize,
-        entries: usize,
-        limit: usize,
-    },
-    #[error("chunked upload: {0}")]
-    BadChunk(String),
-    #[error("chunked upload incomplete: {0}")]
-    ChunksIncomplete(String),
-    #[error("chunked upload rejected: {0}")]
-    ChunkRejected(String),
-}
-
-impl Rejection {
-    /// Machine-readable class, written to the dead letter's `kind` and header.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Rejection::Empty => "empty-payload",
-            Rejection::MetadataTooLarge { .. } => "metadata-too-large",
-            Rejection::TooLarge { .. } => "too-large",
-            Rejection::Unrecognised(_) => "unrecognised-payload",
-            Rejection::EnvelopeEmpty => "empty-envelope",
-            Rejection::UnsupportedType(_) => "unsupported-type",
-            Rejection::CameraMismatch { .. } => "camera-mismatch",
-            Rejection::BadTopic(_) => "bad-topic",
-            Rejection::Decode(_) => "decode-failed",
-            Rejection::TooSmall { .. } => "too-small",
-            Rejection::BadChunk(_) => "bad-chunk",
-            Rejection::ChunksIncomplete(_) => "chunks-incomplete",
-            Rejection::ChunkRejected(_) => "chunk-rejected",
-        }
-    }
-}
 
 /// Sniffs the MIME type of an encoded image from its magic bytes.
 pub fn sniff(data: &[u8]) -> Option<&'static str> {
@@ -143,18 +86,10 @@ pub fn frame_id(frame: &Frame) -> String {
     }
 }
 
-/// `node/camera/frame-id`: the record id on every record about this frame.
-pub fn record_id(node: &str, camera: &str, frame_id: &str) -> String {
-    format!("{node}/{camera}/{frame_id}")
-}
-
-pub fn sha256_hex(data: &[u8]) -> String {
-    hex::encode(Sha256::digest(data))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::job::record_id;
 
     const TINY_JPEG: &[u8] = &[0xFF, 0xD8, 0xFF, 0xE0, 0, 0x10];
 

@@ -239,9 +239,9 @@ fn spool(out: &mut Out, s: &Stats) {
         "gauge",
         "Age of the oldest spooled record: how far the local broker is behind (0 when empty).",
     );
-    let age = spool.oldest_created_ms.map_or(0.0, |ms| {
-        (crate::pipeline::job::now_ms() - ms).max(0) as f64 / 1000.0
-    });
+    let age = spool
+        .oldest_created_ms
+        .map_or(0.0, |ms| (crate::job::now_ms() - ms).max(0) as f64 / 1000.0);
     out.line("fovea_spool_oldest_age_seconds", &[], age);
     out.help(
         "fovea_spool_dropped_records",

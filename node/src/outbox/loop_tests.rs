@@ -3,8 +3,8 @@
 
 use super::*;
 use crate::config::{Config, LargeFramePolicy};
-use crate::ingress::ack::Ack;
-use crate::pipeline::job::{JobMeta, Verdict};
+use crate::job::Ack;
+use crate::job::{JobMeta, Verdict};
 use crate::records::RecordLimit;
 use crate::spool::{SledSpool, SpoolOptions, WhenFull};
 use fovea_proto::v1::{DeadLetter, Frame, InferenceResult};

@@ -15,12 +15,13 @@
 pub mod delivery;
 pub mod plan;
 pub mod producer;
+pub mod sequencer;
 pub mod state;
 pub mod topics;
 
 use crate::config::SpoolConfig;
-use crate::pipeline::job::{Done, JobMeta, now_ms};
-use crate::pipeline::sequencer::Sequencer;
+use crate::job::{Done, JobMeta, now_ms};
+use crate::outbox::sequencer::Sequencer;
 use crate::records::{Record, RecordKind, classify};
 use crate::spool::{Appended, Spool, SpoolRecord};
 use crate::stats::{Stage, Stats};

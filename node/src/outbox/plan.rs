@@ -8,8 +8,8 @@
 //! dead letter standing in for it) is written. Nothing here talks to Kafka.
 
 use crate::config::{LargeFramePolicy, TopicsConfig};
-use crate::ingress::payload::{self, Rejection};
-use crate::pipeline::job::{Done, JobMeta, Verdict};
+use crate::job::Rejection;
+use crate::job::{Done, JobMeta, Verdict};
 use crate::records::{
     self, Record, RecordKind, RecordLimit, SizePolicy, fit_dead_letter, fit_result,
 };
@@ -68,7 +68,7 @@ impl RecordPlanner {
                         kind: "record-too-large".into(),
                         reason,
                         payload_size: frame.data.len() as u64,
-                        payload_sha256: payload::sha256_hex(&frame.data),
+                        payload_sha256: crate::job::sha256_hex(&frame.data),
                         payload: Bytes::new(),
                         payload_truncated: true,
                         received_at_ms: frame.received_at_ms,
@@ -90,9 +90,13 @@ impl RecordPlanner {
     }
 
     fn rejected(&self, meta: &JobMeta, rejection: &Rejection, payload: &Bytes) -> Record {
-        let sha = payload::sha256_hex(payload);
+        let sha = crate::job::sha256_hex(payload);
         let letter = DeadLetter {
-            record_id: payload::record_id(&self.node_id, &meta.camera, &format!("h{}", &sha[..16])),
+            record_id: crate::job::record_id(
+                &self.node_id,
+                &meta.camera,
+                &format!("h{}", &sha[..16]),
+            ),
             node_id: self.node_id.clone(),
             camera_id: meta.camera.clone(),
             source: meta.source.clone(),
@@ -128,10 +132,10 @@ impl RecordPlanner {
                 refused.topic
             ),
             payload_size: refused.value.len() as u64,
-            payload_sha256: payload::sha256_hex(&refused.value),
+            payload_sha256: crate::job::sha256_hex(&refused.value),
             payload: Bytes::new(),
             payload_truncated: true,
-            received_at_ms: crate::pipeline::job::now_ms(),
+            received_at_ms: crate::job::now_ms(),
         };
         fit_dead_letter(&letter, &self.topics.deadletter, self.limit)
     }
@@ -146,7 +150,7 @@ impl RecordPlanner {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ingress::ack::Ack;
+    use crate::job::Ack;
     use fovea_proto::Message;
     use std::time::Instant;
 

@@ -10,9 +10,7 @@
 //! - `workers`: decode + inference, off the async threads.
 //! - `sequencer`: per-camera reordering before the outbox writes.
 
-pub mod job;
 pub mod routes;
-pub mod sequencer;
 pub mod workers;
 
 use crate::blobstore::{self, BlobStore, BlobStoreOptions};

@@ -5,11 +5,12 @@
 //! A worker turns every job into exactly one [`Done`]: a frame with its result (OK, skipped or
 //! failed) or a rejection. The outbox relies on that to keep each camera's records in order.
 
-use super::job::{Done, Job, Verdict};
 use super::routes::Router;
 use crate::config::{InferenceConfig, WhenBehind};
 use crate::inference::{Engine, Model};
-use crate::ingress::payload::{self, Rejection};
+use crate::ingress::payload;
+use crate::job::Rejection;
+use crate::job::{Done, Job, Verdict};
 use crate::stats::{Stage, Stats};
 use fovea_proto::v1::{FrameDisposition, InferenceResult, inference_result::Status};
 use image::{DynamicImage, ImageFormat, ImageReader};
@@ -96,7 +97,7 @@ pub fn process(shared: &WorkerShared, engine: &mut Engine, job: Job) -> Done {
                 Ok(image) => {
                     frame.node_id = shared.node_id.clone();
                     frame.received_at_ms = meta.received_at_ms;
-                    frame.record_id = payload::record_id(
+                    frame.record_id = crate::job::record_id(
                         &shared.node_id,
                         &meta.camera,
                         &payload::frame_id(&frame),

@@ -370,7 +370,7 @@ fn fill_spool(cfg: &Config, frames: &[Bytes], n: u64) -> anyhow::Result<()> {
                     (h::RECORD_ID.into(), id.clone()),
                 ],
                 value,
-                created_ms: crate::pipeline::job::now_ms(),
+                created_ms: crate::job::now_ms(),
             };
             bytes += record.size();
             spool.append(&record)?;

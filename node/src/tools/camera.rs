@@ -130,7 +130,7 @@ pub async fn run(args: CameraArgs) -> anyhow::Result<()> {
                 Frame {
                     camera_id: camera.clone(),
                     sequence: tick + 1,
-                    captured_at_ms: crate::pipeline::job::now_ms(),
+                    captured_at_ms: crate::job::now_ms(),
                     data: data.clone(),
                     metadata: [("file".to_string(), name.clone())].into(),
                     ..Frame::default()

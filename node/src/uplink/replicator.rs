@@ -618,7 +618,7 @@ impl Replicator {
             }
             in_flight.fetch_sub(n, Ordering::Relaxed);
             if let Some(ms) = stored_ms {
-                let waited = crate::pipeline::job::now_ms().saturating_sub(ms).max(0);
+                let waited = crate::job::now_ms().saturating_sub(ms).max(0);
                 stats.record(Stage::Replication, Duration::from_millis(waited as u64));
             }
             let _ = acks.send(positions);

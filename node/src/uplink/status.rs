@@ -49,7 +49,7 @@ pub fn lag(cfg: &Config, topic: &str) -> anyhow::Result<Lag> {
             }
         }
     }
-    let now = crate::pipeline::job::now_ms();
+    let now = crate::job::now_ms();
     Ok(Lag {
         topic: topic.to_string(),
         records,

@@ -1,10 +1,17 @@
 //! What travels between the stages: a [`Job`] from ingress to the workers, a [`Done`] from the
-//! workers (or straight from ingress, for payloads refused at the door) to the outbox.
+//! workers (or straight from ingress, for payloads refused at the door) to the outbox, with the
+//! MQTT acknowledgement ([`Ack`]) it carries, the reasons a payload is refused ([`Rejection`]) and
+//! the record ids every stage names frames by. A leaf: it depends on no other stage, so ingress,
+//! pipeline and outbox depend on it and not on each other.
 
-use crate::ingress::ack::Ack;
-use crate::ingress::payload::Rejection;
+mod ack;
+mod rejection;
+
+pub use ack::Ack;
 use bytes::Bytes;
 use fovea_proto::v1::{Frame, InferenceResult};
+pub use rejection::Rejection;
+use sha2::{Digest, Sha256};
 use std::time::Instant;
 
 /// A frame as it arrived, before anything was decoded.
@@ -66,4 +73,13 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+/// `node/camera/frame-id`: the record id on every record about this frame.
+pub fn record_id(node: &str, camera: &str, frame_id: &str) -> String {
+    format!("{node}/{camera}/{frame_id}")
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
 }

@@ -1,0 +1,59 @@
+//! Why a payload is not a frame: the dead-letter kinds of payloads refused at the door.
+
+/// Why a payload is not a frame. Each is dead-lettered with [`Rejection::kind`] and its message.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Rejection {
+    #[error("empty payload")]
+    Empty,
+    #[error("payload of {size} bytes exceeds mqtt.max_frame_bytes ({limit})")]
+    TooLarge { size: usize, limit: usize },
+    #[error("payload is neither a JPEG, a PNG nor a fovea.v1.Frame envelope (first bytes: {0})")]
+    Unrecognised(String),
+    #[error("Frame envelope holds no image data")]
+    EnvelopeEmpty,
+    #[error("Frame envelope content_type {0:?} is not image/jpeg or image/png")]
+    UnsupportedType(String),
+    #[error("Frame envelope names camera {envelope:?} but was published for camera {topic:?}")]
+    CameraMismatch { envelope: String, topic: String },
+    #[error("topic {0:?} does not name a camera under any subscribed filter")]
+    BadTopic(String),
+    #[error("image could not be decoded: {0}")]
+    Decode(String),
+    #[error("image is {width}x{height} pixels; the minimum is {min}x{min}")]
+    TooSmall { width: u32, height: u32, min: u32 },
+    #[error(
+        "camera metadata of {bytes} bytes in {entries} entries exceeds mqtt.max_metadata_bytes ({limit})"
+    )]
+    MetadataTooLarge {
+        bytes: usize,
+        entries: usize,
+        limit: usize,
+    },
+    #[error("chunked upload: {0}")]
+    BadChunk(String),
+    #[error("chunked upload incomplete: {0}")]
+    ChunksIncomplete(String),
+    #[error("chunked upload rejected: {0}")]
+    ChunkRejected(String),
+}
+
+impl Rejection {
+    /// Machine-readable class, written to the dead letter's `kind` and header.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Rejection::Empty => "empty-payload",
+            Rejection::MetadataTooLarge { .. } => "metadata-too-large",
+            Rejection::TooLarge { .. } => "too-large",
+            Rejection::Unrecognised(_) => "unrecognised-payload",
+            Rejection::EnvelopeEmpty => "empty-envelope",
+            Rejection::UnsupportedType(_) => "unsupported-type",
+            Rejection::CameraMismatch { .. } => "camera-mismatch",
+            Rejection::BadTopic(_) => "bad-topic",
+            Rejection::Decode(_) => "decode-failed",
+            Rejection::TooSmall { .. } => "too-small",
+            Rejection::BadChunk(_) => "bad-chunk",
+            Rejection::ChunksIncomplete(_) => "chunks-incomplete",
+            Rejection::ChunkRejected(_) => "chunk-rejected",
+        }
+    }
+}
