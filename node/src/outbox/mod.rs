@@ -391,6 +391,8 @@ impl<P: Produce> Outbox<P> {
         let now = Instant::now();
         if spooled {
             run.spool_acked += 1;
+            // The fault tests wait for this line (log level debug).
+            log::debug!("spooled: {} frame(s) acked in total", run.spool_acked);
         } else {
             self.stats
                 .record(Stage::Kafka, now.duration_since(waiting.planned));

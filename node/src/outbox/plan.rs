@@ -43,43 +43,53 @@ impl RecordPlanner {
         let mut result = result.clone();
         let disposition = result.frame.get_or_insert_default();
         let allow_chunks = self.large_policy != LargeFramePolicy::DeadLetter;
-        let mut records =
-            match records::frame_records(frame, &self.topics.frames, &[], self.limit, allow_chunks)
-            {
-                Ok(out) => {
-                    disposition.topic = self.topics.frames.clone();
-                    disposition.size_policy = out.policy.as_str().into();
-                    out.records
-                }
-                Err(too_large) => {
-                    let reason = if allow_chunks {
-                        too_large.to_string()
+        let mut records = match records::frame_records(
+            frame,
+            &self.topics.frames,
+            &[],
+            self.limit,
+            allow_chunks,
+        ) {
+            Ok(out) => {
+                disposition.topic = self.topics.frames.clone();
+                disposition.size_policy = out.policy.as_str().into();
+                out.records
+            }
+            Err(too_large) => {
+                let reason = format!(
+                    "frame record of {} bytes exceeds kafka.record_limit_bytes ({} bytes, less {} for framing){}",
+                    too_large.size,
+                    too_large.limit,
+                    records::FRAMING_ALLOWANCE,
+                    if allow_chunks {
+                        too_large.detail
                     } else {
-                        format!("{too_large}, and large_frames.policy is dead_letter")
-                    };
-                    disposition.topic = self.topics.deadletter.clone();
-                    disposition.size_policy = SizePolicy::DeadLetter.as_str().into();
-                    disposition.reason = reason.clone();
-                    let letter = DeadLetter {
-                        record_id: frame.record_id.clone(),
-                        node_id: frame.node_id.clone(),
-                        camera_id: frame.camera_id.clone(),
-                        source: String::new(),
-                        kind: "record-too-large".into(),
-                        reason,
-                        payload_size: frame.data.len() as u64,
-                        payload_sha256: crate::job::sha256_hex(&frame.data),
-                        payload: Bytes::new(),
-                        payload_truncated: true,
-                        received_at_ms: frame.received_at_ms,
-                    };
-                    vec![fit_dead_letter(
-                        &letter,
-                        &self.topics.deadletter,
-                        self.limit,
-                    )]
-                }
-            };
+                        ", and large_frames.policy is dead_letter".into()
+                    }
+                );
+                disposition.topic = self.topics.deadletter.clone();
+                disposition.size_policy = SizePolicy::DeadLetter.as_str().into();
+                disposition.reason = reason.clone();
+                let letter = DeadLetter {
+                    record_id: frame.record_id.clone(),
+                    node_id: frame.node_id.clone(),
+                    camera_id: frame.camera_id.clone(),
+                    source: String::new(),
+                    kind: "record-too-large".into(),
+                    reason,
+                    payload_size: frame.data.len() as u64,
+                    payload_sha256: crate::job::sha256_hex(&frame.data),
+                    payload: Bytes::new(),
+                    payload_truncated: true,
+                    received_at_ms: frame.received_at_ms,
+                };
+                vec![fit_dead_letter(
+                    &letter,
+                    &self.topics.deadletter,
+                    self.limit,
+                )]
+            }
+        };
         records.push(
             match fit_result(&result, &self.topics.results, self.limit) {
                 Ok(record) => record,
