@@ -65,7 +65,10 @@ pids=()
 node_status="" # the node's exit status, once it has been waited for
 # shellcheck disable=SC2317 # run by the trap (shellcheck 0.9 misses that when the script ends in exit)
 cleanup() {
-  trap - INT TERM EXIT
+  # A second Ctrl-C (or timeout's second SIGINT) must not cut the report short: the node is
+  # in a session of its own and drains anyway, for at most its drain timeout (20 s).
+  trap '' INT TERM
+  trap - EXIT
   echo
   echo "== stopping the node (SIGTERM: it drains what is in flight)"
   for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
