@@ -15,13 +15,21 @@ scripts/install-deps.sh demo
 source scripts/env.sh
 scripts/services.sh start mqtt edge
 
-if [[ -x target/release/fovea ]]; then
-  echo "== building fovea (release; only what changed)"
+# FOVEA_DEMO_PROFILE=dev builds the debug profile instead (scripts/check-standalone.sh does, to
+# reuse the build the tests just made); CARGO_TARGET_DIR is honoured.
+profile="${FOVEA_DEMO_PROFILE:-release}"
+case "$profile" in
+  release) profile_dir=release ;;
+  dev) profile_dir=debug ;;
+  *) echo "FOVEA_DEMO_PROFILE must be release or dev, not $profile" >&2; exit 2 ;;
+esac
+fovea="${CARGO_TARGET_DIR:-$root/target}/$profile_dir/fovea"
+if [[ -x $fovea ]]; then
+  echo "== building fovea ($profile; only what changed)"
 else
-  echo "== building fovea (release; about 5 minutes on 2 cores the first time)"
+  echo "== building fovea ($profile; about 5 minutes on 2 cores the first time)"
 fi
-cargo build --release -p fovea
-fovea="$root/target/release/fovea"
+cargo build --profile "$profile" -p fovea
 
 images="${FOVEA_DEMO_IMAGES:-$root/models/samples}"
 run="$FOVEA_RUN_DIR/demo"
@@ -54,12 +62,23 @@ TOML
 "$fovea" validate "$run/fovea.toml"
 
 pids=()
+node_status="" # the node's exit status, once it has been waited for
+# shellcheck disable=SC2317 # run by the trap (shellcheck 0.9 misses that when the script ends in exit)
 cleanup() {
-  trap - INT TERM EXIT
+  # A second Ctrl-C (or timeout's second SIGINT) must not cut the report short: the node is
+  # in a session of its own and drains anyway, for at most its drain timeout (20 s).
+  trap '' INT TERM
+  trap - EXIT
   echo
   echo "== stopping the node (SIGTERM: it drains what is in flight)"
   for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  if [[ -z $node_status ]] && ((${#pids[@]})); then
+    node_status=0
+    wait "${pids[0]}" 2>/dev/null || node_status=$?
+  fi
   wait 2>/dev/null || true
+  # The node's last words on a clean stop: "stopped after N s of drain: ... frames in, ... acked".
+  echo "== node exited with status ${node_status:-none}: $(grep -o 'stopped after .*' "$run/fovea.log" 2>/dev/null | tail -n 1)"
   echo "node log: $run/fovea.log"
   # Say what is really still running: the services run in sessions of their own (Ctrl-C does
   # not reach them) and keep their data for the next run.
@@ -85,4 +104,8 @@ echo "== node running (log: $run/fovea.log); results from fovea.results:"
 pids+=($!)
 "$fovea" camera --mqtt "127.0.0.1:$FOVEA_MQTT_PORT" --images "$images" --cameras 2 --fps 1 --forever --envelope --quiet &
 pids+=($!)
-wait "${pids[0]}"
+# Ctrl-C interrupts this wait: cleanup (the trap) waits for the node and keeps its status.
+status=0
+wait "${pids[0]}" || status=$?
+node_status="${node_status:-$status}"
+exit "$node_status"

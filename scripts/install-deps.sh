@@ -43,7 +43,10 @@ if [[ $EUID -ne 0 ]]; then SUDO=(sudo); fi
 mkdir -p "$CACHE"
 # Two concurrent runs must not both start a 15-minute build.
 exec 9>"$CACHE/.install-deps.lock"
-flock 9
+if ! flock -n 9; then
+  log "another install-deps.sh run holds $CACHE/.install-deps.lock; waiting for it to finish"
+  flock 9
+fi
 
 # ---------------------------------------------------------------- plan
 # Say what is missing and roughly how long it takes before starting, so that a first run's

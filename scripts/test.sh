@@ -40,6 +40,14 @@ status=0
 # --no-fail-fast: one failing test binary must not hide the results of the others.
 cargo test --workspace --no-fail-fast 2>&1 | tee "$log" || status=$?
 
+# A clone of HEAD in an empty folder runs the demo on its own (scripts/check-standalone.sh says
+# what it checks); it reuses the dev build cargo test just made. Skip with
+# FOVEA_SKIP_STANDALONE=1 while iterating locally; CI never sets it.
+if [[ "${FOVEA_SKIP_STANDALONE:-0}" != 1 ]]; then
+  step "scripts/check-standalone.sh"
+  bash scripts/check-standalone.sh 2>&1 | tee -a "$log" || status=$?
+fi
+
 # The unit tests of both crates again, built for aarch64 and run under qemu-user (the ONNX
 # Runtime model tests included); the ARM targets' other needs are in cross/README.md. Skip with
 # FOVEA_SKIP_CROSS=1 (e.g. while iterating locally); CI never sets it.
@@ -48,7 +56,9 @@ if [[ "${FOVEA_SKIP_CROSS:-0}" != 1 ]]; then
   bash scripts/cross.sh test aarch64 2>&1 | tee -a "$log" || status=$?
 fi
 # One closing line for the whole run (cargo prints one per test binary, the last often a
-# doc-test run with nothing in it).
+# doc-test run with nothing in it; check-standalone.sh one line per check).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1); if ($(i) ~ /^ignored;?$/) s += $(i-1) } }
+     /^standalone check ok: / { p++ }
+     /^standalone check FAILED: / { f++ }
      END { printf "\n%d passed, %d failed, %d skipped\n", p, f, s }' "$log"
 exit "$status"

@@ -1,5 +1,5 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-//! The commands around the node, driven as a user would: `fovea camera` publishes the shared
+//! The commands around the node, driven as a user would: `fovea camera` publishes the sample
 //! photos, the node infers, `fovea tail` prints the decoded results; `fovea default-config`
 //! prints a config that `fovea validate` accepts.
 
@@ -87,6 +87,16 @@ fn camera_publishes_a_folder_and_tail_prints_the_results() {
             .any(|l| l.contains("ssdlite-person@1") && l.contains("person 0.")),
         "{stdout}"
     );
+    // `--envelope` names the photo in the frame's metadata; the result carries it and tail
+    // prints it (scripts/check-standalone.sh counts the demo's results per photo this way).
+    for photo in ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg"] {
+        let tag = format!(" | metadata: file={photo}");
+        assert_eq!(
+            lines.iter().filter(|l| l.ends_with(&tag)).count(),
+            2,
+            "{photo}: {stdout}"
+        );
+    }
 }
 
 #[test]

@@ -180,6 +180,13 @@ fn describe_result(r: &InferenceResult) -> String {
     if let Some(f) = &r.frame {
         line += &format!(" | frame: {} via {}", f.size_policy, f.topic);
     }
+    // The camera's metadata, carried over from its Frame envelope (`fovea camera --envelope`
+    // puts the photo's file name there), sorted by key so that lines compare.
+    if !r.metadata.is_empty() {
+        let mut items: Vec<String> = r.metadata.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        items.sort();
+        line += &format!(" | metadata: {}", items.join(" "));
+    }
     line
 }
 
@@ -212,4 +219,36 @@ fn describe_output(o: &ModelOutput) -> String {
             items.join(", ")
         }
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_result_line_ends_with_the_cameras_metadata_sorted_by_key() {
+        let r = InferenceResult {
+            record_id: "n/cam-1/1".into(),
+            camera_id: "cam-1".into(),
+            status: fovea_proto::v1::inference_result::Status::Ok as i32,
+            metadata: [
+                ("site".to_string(), "dock".to_string()),
+                ("file".to_string(), "chelsea.png".to_string()),
+            ]
+            .into(),
+            ..InferenceResult::default()
+        };
+        let line = describe(h::SCHEMA_RESULT, &r.encode_to_vec());
+        assert_eq!(
+            line,
+            "cam-1 n/cam-1/1 OK | metadata: file=chelsea.png site=dock"
+        );
+
+        let bare = InferenceResult {
+            metadata: Default::default(),
+            ..r
+        };
+        let line = describe(h::SCHEMA_RESULT, &bare.encode_to_vec());
+        assert_eq!(line, "cam-1 n/cam-1/1 OK");
+    }
 }
