@@ -10,7 +10,7 @@ use super::payload::Rejection;
 use super::topic;
 use crate::config::{LargeFramesConfig, MqttConfig};
 use crate::job::Ack;
-use crate::job::{Done, Job, JobMeta, Verdict, now_ms};
+use crate::job::{Done, Job, JobMeta, Verdict};
 use crate::stats::Stats;
 use bytes::Bytes;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
@@ -234,17 +234,7 @@ impl Ingress {
         Stats::incr(&self.stats.frames_in);
         let seq = self.sequences.entry(camera.to_string()).or_insert(0);
         *seq += 1;
-        JobMeta {
-            camera: camera.to_string(),
-            source,
-            node_seq: *seq,
-            received: Instant::now(),
-            received_at_ms: now_ms(),
-            ack,
-            started: None,
-            finished: None,
-            large_permit: None,
-        }
+        JobMeta::arrived(camera, source, *seq, ack)
     }
 
     /// A payload refused at the door: straight to the outbox as a dead letter.

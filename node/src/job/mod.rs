@@ -46,6 +46,24 @@ pub struct JobMeta {
     pub large_permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
+impl JobMeta {
+    /// A frame of `camera` arriving now from `source`, `node_seq`-th of its camera in this
+    /// process, acknowledged by `ack` once durable.
+    pub fn arrived(camera: &str, source: String, node_seq: u64, ack: Ack) -> JobMeta {
+        JobMeta {
+            camera: camera.to_string(),
+            source,
+            node_seq,
+            received: Instant::now(),
+            received_at_ms: now_ms(),
+            ack,
+            started: None,
+            finished: None,
+            large_permit: None,
+        }
+    }
+}
+
 /// What became of a job.
 #[derive(Debug)]
 pub enum Verdict {

@@ -62,6 +62,15 @@ fn online() -> Delivery {
     d
 }
 
+/// Online, frame 1 ("a") sent straight: its frame record acknowledged, its result not yet.
+fn result_outstanding() -> Delivery {
+    let mut d = online();
+    let records = frame("a");
+    d.handle(Event::Finished { id: 1, records }, true);
+    d.handle(Event::Delivered { id: 1, index: 0 }, true);
+    d
+}
+
 fn tick(d: &mut Delivery) -> Vec<Action> {
     d.handle(
         Event::Tick {
@@ -147,15 +156,7 @@ fn online_a_frame_is_acked_when_every_record_is_acknowledged() {
 
 #[test]
 fn a_retriable_failure_spools_the_unacknowledged_records_and_goes_offline() {
-    let mut d = online();
-    d.handle(
-        Event::Finished {
-            id: 1,
-            records: frame("a"),
-        },
-        true,
-    );
-    d.handle(Event::Delivered { id: 1, index: 0 }, true);
+    let mut d = result_outstanding();
     let out = d.handle(failed(1, 1, Refusal::Retriable), true);
     assert!(out.iter().any(|a| matches!(
         a,
@@ -184,15 +185,7 @@ fn a_retriable_failure_spools_the_unacknowledged_records_and_goes_offline() {
 
 #[test]
 fn a_permanently_refused_record_is_replaced_by_a_dead_letter_before_the_ack() {
-    let mut d = online();
-    d.handle(
-        Event::Finished {
-            id: 1,
-            records: frame("a"),
-        },
-        true,
-    );
-    d.handle(Event::Delivered { id: 1, index: 0 }, true);
+    let mut d = result_outstanding();
     let out = d.handle(failed(1, 1, Refusal::Permanent), true);
     assert!(matches!(&out[0], Action::Refused { record, .. } if record.kind == RecordKind::Result));
     let [(1, 1, RecordKind::DeadLetter)] = produced(&out)[..] else {
@@ -230,15 +223,7 @@ fn a_refused_dead_letter_is_given_up_and_the_frame_acked() {
 
 #[test]
 fn a_stand_in_refused_in_turn_is_given_up() {
-    let mut d = online();
-    d.handle(
-        Event::Finished {
-            id: 1,
-            records: frame("a"),
-        },
-        true,
-    );
-    d.handle(Event::Delivered { id: 1, index: 0 }, true);
+    let mut d = result_outstanding();
     d.handle(failed(1, 1, Refusal::Permanent), true);
     let out = d.handle(failed(1, 1, Refusal::Permanent), true);
     assert!(matches!(&out[0], Action::GiveUp { .. }), "{out:?}");
@@ -247,15 +232,7 @@ fn a_stand_in_refused_in_turn_is_given_up() {
 
 #[test]
 fn a_fatal_error_rebuilds_the_producer_and_keeps_the_record() {
-    let mut d = online();
-    d.handle(
-        Event::Finished {
-            id: 1,
-            records: frame("a"),
-        },
-        true,
-    );
-    d.handle(Event::Delivered { id: 1, index: 0 }, true);
+    let mut d = result_outstanding();
     let out = d.handle(failed(1, 1, Refusal::Fatal), true);
     assert!(out.contains(&Action::RebuildProducer));
     assert_eq!(spooled(&out), [(1, vec![RecordKind::Result])]);

@@ -68,17 +68,12 @@ impl Produce for FakeBroker {
 fn done(camera: &str, seq: u64, image_bytes: usize) -> Done {
     let record_id = format!("n1/{camera}/s{seq}");
     Done {
-        meta: JobMeta {
-            camera: camera.into(),
-            source: format!("mqtt:cameras/{camera}/frames"),
-            node_seq: seq,
-            received: Instant::now(),
-            received_at_ms: 1,
-            ack: Ack::none(),
-            started: None,
-            finished: None,
-            large_permit: None,
-        },
+        meta: JobMeta::arrived(
+            camera,
+            format!("mqtt:cameras/{camera}/frames"),
+            seq,
+            Ack::none(),
+        ),
         verdict: Verdict::Frame {
             frame: Box::new(Frame {
                 camera_id: camera.into(),

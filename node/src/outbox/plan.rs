@@ -162,7 +162,6 @@ mod tests {
     use super::*;
     use crate::job::Ack;
     use fovea_proto::Message;
-    use std::time::Instant;
 
     fn planner(limit: usize) -> RecordPlanner {
         RecordPlanner {
@@ -174,17 +173,7 @@ mod tests {
     }
 
     fn meta() -> JobMeta {
-        JobMeta {
-            camera: "cam".into(),
-            source: "mqtt:cameras/cam/frames".into(),
-            node_seq: 1,
-            received: Instant::now(),
-            received_at_ms: 1,
-            ack: Ack::none(),
-            started: None,
-            finished: None,
-            large_permit: None,
-        }
+        JobMeta::arrived("cam", "mqtt:cameras/cam/frames".into(), 1, Ack::none())
     }
 
     fn frame_done(size: usize, metadata_bytes: usize) -> Done {
