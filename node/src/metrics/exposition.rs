@@ -175,6 +175,24 @@ fn counters(out: &mut Out, s: &Stats) {
         );
     }
     out.help(
+        "fovea_spool_write_failures_total",
+        "counter",
+        "Spool appends and flushes that failed, by reason (disk-full, error); the frames stay un-acked at the MQTT broker and are retried.",
+    );
+    let failures = s
+        .spool_write_failures
+        .lock()
+        .map(|m| m.clone())
+        .unwrap_or_default();
+    for reason in ["disk-full", "error"] {
+        let n = failures.get(reason).copied().unwrap_or(0);
+        out.line(
+            "fovea_spool_write_failures_total",
+            &[("reason", reason)],
+            n as f64,
+        );
+    }
+    out.help(
         "fovea_frames_rejected_total",
         "counter",
         "Frames turned into dead letters, by reason.",

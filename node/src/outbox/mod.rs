@@ -21,7 +21,7 @@ pub mod topics;
 use crate::config::{KafkaConfig, SpoolConfig};
 use crate::pipeline::job::{Done, JobMeta, now_ms};
 use crate::pipeline::sequencer::Sequencer;
-use crate::spool::{Appended, Class, Spool, SpoolRecord, WhenFull};
+use crate::spool::{Appended, Spool, SpoolRecord};
 use crate::stats::{Stage, Stats};
 use fovea_proto::headers as h;
 use rdkafka::producer::{FutureProducer, Producer};
@@ -318,42 +318,84 @@ impl Outbox {
         self.log_drops(run, false);
     }
 
-    /// Writes held records to the spool, flushes once, then acks their frames.
+    /// Writes held frames to the spool, each as one unit (all its records or none), flushes
+    /// once, then acks them. A frame the spool refuses (full, under backpressure) or cannot take
+    /// (a full disk, a write error) stays held un-acked, and its camera's later frames behind it.
     async fn spool_held(&mut self, run: &mut Run) {
+        /// After a write failure, retry and log at most this often.
+        const RETRY: Duration = Duration::from_millis(250);
+        const LOG_EVERY: Duration = Duration::from_secs(10);
+        /// When a write last failed, and when that was last logged (kept here, not in [`Run`],
+        /// so that this stays self-contained).
+        static FAILED: std::sync::Mutex<(Option<Instant>, Option<Instant>)> =
+            std::sync::Mutex::new((None, None));
         if run.held.is_empty() {
             return;
         }
-        let mut durable = Vec::new();
-        while let Some(pending) = run.held.front() {
-            if let Some(frame) = pending.records.iter().find(|r| r.class == Class::Frame)
-                && self.spool_cfg.when_full == WhenFull::Backpressure
-                && !self.spool.has_room(Class::Frame, frame.size() as u64)
-            {
-                break; // the spool is full: hold the frame (and the camera) un-acked
+        let recent =
+            |at: Option<Instant>, within: Duration| at.is_some_and(|t| t.elapsed() < within);
+        let reason = |e: &crate::spool::SpoolError| {
+            if e.is_disk_full() {
+                "disk-full"
+            } else {
+                "error"
             }
-            let Some(pending) = run.held.pop_front() else {
-                break;
-            };
+        };
+        let (failed_at, logged_at) = FAILED.lock().map(|g| *g).unwrap_or((None, None));
+        if recent(failed_at, RETRY) {
+            return;
+        }
+        let mut durable = Vec::new();
+        let mut failure = None;
+        while let Some(pending) = run.held.pop_front() {
             match self.append_all(&pending.records, run) {
-                Ok(()) => durable.push(pending.meta),
-                Err(e) => {
-                    log::error!(
-                        "spool write failed ({e}); holding the frame un-acked and retrying"
-                    );
+                Ok(true) => durable.push(pending.meta),
+                // The spool is full: hold the frame (and the camera) un-acked.
+                Ok(false) => {
                     run.held.push_front(pending);
+                    break;
+                }
+                Err(e) => {
+                    run.held.push_front(pending);
+                    failure = Some(format!("spool write failed ({e})"));
+                    self.stats.spool_write_failure(reason(&e));
                     break;
                 }
             }
         }
-        if durable.is_empty() {
-            return;
-        }
-        if let Err(e) = tokio::task::block_in_place(|| self.spool.flush()) {
+        if !durable.is_empty()
+            && let Err(e) = tokio::task::block_in_place(|| self.spool.flush())
+        {
             // Not durable: the frames stay un-acked; the broker redelivers them if we die.
-            log::error!(
+            failure = Some(format!(
                 "spool flush failed ({e}); {} frame(s) left un-acked",
                 durable.len()
-            );
+            ));
+            self.stats.spool_write_failure(reason(&e));
+            durable.clear();
+        }
+        if let Some(failure) = failure {
+            let log_now = !recent(logged_at, LOG_EVERY);
+            if let Ok(mut g) = FAILED.lock() {
+                *g = (
+                    Some(Instant::now()),
+                    if log_now {
+                        Some(Instant::now())
+                    } else {
+                        logged_at
+                    },
+                );
+            }
+            if log_now {
+                log::error!(
+                    "{failure}: holding {} frame(s) un-acked at the MQTT broker and retrying \
+                     (logged at most every {} s; fovea_spool_write_failures_total counts them)",
+                    run.held.len(),
+                    LOG_EVERY.as_secs()
+                );
+            }
+        }
+        if durable.is_empty() {
             return;
         }
         let flushed = durable.len();
@@ -370,31 +412,30 @@ impl Outbox {
         );
     }
 
+    /// Appends one frame's records as one unit. `Ok(false)`: refused (spool full under
+    /// backpressure), nothing stored.
     fn append_all(
         &mut self,
         records: &[SpoolRecord],
         run: &mut Run,
-    ) -> Result<(), crate::spool::SpoolError> {
-        for record in records {
-            match self.spool.append(record)? {
-                Appended::Stored { dropped, .. } => {
-                    Stats::incr(&self.stats.spooled);
-                    for d in dropped {
-                        Stats::incr(&self.stats.spool_dropped);
-                        *run.drops
-                            .entry(format!("{}/spool-full-oldest", d.class.name()))
-                            .or_default() += 1;
-                    }
-                }
-                Appended::Refused => {
-                    Stats::incr(&self.stats.spool_dropped);
-                    *run.drops
-                        .entry(format!("{}/spool-full", record.class.name()))
-                        .or_default() += 1;
-                }
-            }
+    ) -> Result<bool, crate::spool::SpoolError> {
+        let (seqs, dropped, dropped_self) = match self.spool.append_frame(records)? {
+            Appended::Refused => return Ok(false),
+            Appended::Stored { seqs, dropped } => (seqs, dropped, false),
+            Appended::FrameDropped { seqs, dropped, .. } => (seqs, dropped, true),
+        };
+        self.stats
+            .spooled
+            .fetch_add(seqs.end - seqs.start, Ordering::Relaxed);
+        let reasons = dropped
+            .iter()
+            .map(|d| format!("{}/spool-full-oldest", d.class.name()))
+            .chain(dropped_self.then(|| "frame/spool-full-no-room".to_string()));
+        for reason in reasons {
+            Stats::incr(&self.stats.spool_dropped);
+            *run.drops.entry(reason).or_default() += 1;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Hands the next spooled records to the producer; notices when the spool is empty.
