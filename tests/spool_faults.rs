@@ -436,6 +436,17 @@ fn exported_sequences(out: &Path, camera: &str, image: &[u8]) -> Vec<u64> {
     seqs
 }
 
+/// Starts the local broker on `port` and waits until every result of `camera`'s frames
+/// 1..=`count` arrived (once each id).
+fn broker_returns(dir: &Path, port: u16, camera: &str, count: u64) -> Kafka {
+    let kafka = Kafka::start_on(dir, "edge", port);
+    let all = numbered(camera, count);
+    let timeout = Duration::from_secs(120);
+    let results = wait_for_all(&kafka, "fovea.results", &all, timeout, results_by_frame);
+    assert_complete("results", &results, &all);
+    kafka
+}
+
 fn scrape(node: &Node, series: &str) -> f64 {
     let (_, body) = node.http_get("/metrics");
     metric(&body, series).unwrap_or_else(|| panic!("no {series} in:\n{body}"))
@@ -477,16 +488,7 @@ fn backpressure_holds_a_chunked_frame_larger_than_the_free_spool_whole_and_unack
 
     // The broker returns: the spool drains, then the held frames (still queued at mosquitto)
     // are written.
-    let kafka = Kafka::start_on(dir.path(), "edge", kafka_port);
-    let all = numbered("held", 6);
-    let results = wait_for_all(
-        &kafka,
-        "fovea.results",
-        &all,
-        Duration::from_secs(120),
-        results_by_frame,
-    );
-    assert_complete("results", &results, &all);
+    let kafka = broker_returns(dir.path(), kafka_port, "held", 6);
     let sets = wait_for_frames(&kafka, 6, Duration::from_secs(120));
     assert_no_partial_frame(&sets);
     assert_eq!(sets.len(), 6, "{:?}", sets.keys().collect::<Vec<_>>());
@@ -524,16 +526,7 @@ fn drop_oldest_frames_drops_chunked_frames_whole_and_counts_them() {
     wait_log(&node, "spooled: 10 frame(s) acked", Duration::from_secs(60));
     let dropped = scrape(&node, "fovea_frames_dropped_total");
 
-    let kafka = Kafka::start_on(dir.path(), "edge", kafka_port);
-    let all = numbered("drop", 10);
-    let results = wait_for_all(
-        &kafka,
-        "fovea.results",
-        &all,
-        Duration::from_secs(90),
-        results_by_frame,
-    );
-    assert_complete("results", &results, &all);
+    let kafka = broker_returns(dir.path(), kafka_port, "drop", 10);
     let kept = 10 - dropped as usize;
     let sets = wait_for_frames(&kafka, kept, Duration::from_secs(60));
     assert_no_partial_frame(&sets);

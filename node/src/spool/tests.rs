@@ -621,6 +621,16 @@ fn seqs_of(got: &[(u64, SpoolRecord)]) -> Vec<u64> {
     got.iter().map(|(q, _)| *q).collect()
 }
 
+/// Appends a unit that must be stored whole: (its first seq, the frames dropped for it).
+fn put(s: &mut SledSpool, u: &[SpoolRecord]) -> (u64, Vec<Dropped>) {
+    stored(s.append_frame(u).expect("append"))
+}
+
+/// (first seq, records) of each dropped frame.
+fn whole(dropped: &[Dropped]) -> Vec<(u64, u64)> {
+    dropped.iter().map(|d| (d.seq, d.records)).collect()
+}
+
 #[test]
 fn backpressure_refuses_a_chunked_frame_larger_than_the_free_room_as_a_whole() {
     let d = tmp();
@@ -683,7 +693,7 @@ fn drop_oldest_frames_drops_whole_chunked_frames_and_counts_each_once() {
     }
     // 1.5 frames more than the free room: the two oldest frames go, whole.
     let next = unit(9, 6, 5000, true, false);
-    let (_, dropped) = stored(s.append_frame(&next).expect("append"));
+    let (_, dropped) = put(&mut s, &next);
     let chunk = frames[0][0].size() as u64;
     assert_eq!(
         dropped
@@ -747,14 +757,11 @@ fn a_frame_being_delivered_is_never_dropped() {
     let b = unit(2, 3, 5000, true, false);
     let o = opts(d.path(), bytes_of(&a) * 2 + 100, WhenFull::DropOldestFrames);
     let (mut s, _) = open(&o);
-    let fa = stored(s.append_frame(&a).expect("append")).0;
-    let fb = stored(s.append_frame(&b).expect("append")).0;
+    let fa = put(&mut s, &a).0;
+    let fb = put(&mut s, &b).0;
     // Frame a's first chunk reached Kafka: dropping the rest would leave a partial frame there.
     s.remove(&[fa]).expect("remove");
-    let (_, dropped) = stored(
-        s.append_frame(&unit(3, 3, 5000, true, false))
-            .expect("append"),
-    );
+    let (_, dropped) = put(&mut s, &unit(3, 3, 5000, true, false));
     assert_eq!(dropped.iter().map(|d| d.seq).collect::<Vec<_>>(), [fb]);
     assert!(seqs_of(&all(&mut s)).contains(&(fa + 1)), "a drains");
 }
@@ -780,10 +787,7 @@ fn a_write_failing_half_way_rolls_the_whole_unit_back() {
     let d = tmp();
     let o = opts(d.path(), 100 * MB, WhenFull::DropOldestFrames);
     let (mut s, _) = open(&o);
-    stored(
-        s.append_frame(&unit(1, 2, 3000, true, false))
-            .expect("append"),
-    );
+    put(&mut s, &unit(1, 2, 3000, true, false));
     s.flush().expect("flush");
     let before = s.stats();
     let content = all(&mut s);
@@ -806,7 +810,7 @@ fn a_write_failing_half_way_rolls_the_whole_unit_back() {
         s.flush().expect("flush");
     }
     // The retry stores it whole; the spool is consistent on disk too.
-    let (seq, _) = stored(s.append_frame(&broken).expect("append"));
+    let (seq, _) = put(&mut s, &broken);
     assert!(
         seq > content.last().map_or(0, |(q, _)| *q) + 4,
         "seqs are not reused"
@@ -827,21 +831,9 @@ fn an_append_or_a_drop_cut_short_by_a_crash_is_undone_or_finished_on_open() {
     let d = tmp();
     let o = opts(d.path(), 100 * MB, WhenFull::DropOldestFrames);
     let (mut s, _) = open(&o);
-    let kept = stored(
-        s.append_frame(&unit(1, 3, 2000, true, false))
-            .expect("append"),
-    )
-    .0;
-    let dropping = stored(
-        s.append_frame(&unit(2, 3, 2000, true, false))
-            .expect("append"),
-    )
-    .0;
-    let cut = stored(
-        s.append_frame(&unit(3, 3, 90_000, true, false))
-            .expect("append"),
-    )
-    .0;
+    let kept = put(&mut s, &unit(1, 3, 2000, true, false)).0;
+    let dropping = put(&mut s, &unit(2, 3, 2000, true, false)).0;
+    let cut = put(&mut s, &unit(3, 3, 90_000, true, false)).0;
     s.flush().expect("flush");
     drop(s);
     {
@@ -907,17 +899,8 @@ fn an_append_or_a_drop_cut_short_by_a_crash_is_undone_or_finished_on_open() {
     };
     drop(s);
     let (mut s, _) = open(&o2);
-    let (_, dropped) = stored(
-        s.append_frame(&unit(4, 1, 500, false, false))
-            .expect("append"),
-    );
-    assert_eq!(
-        dropped
-            .iter()
-            .map(|d| (d.seq, d.records))
-            .collect::<Vec<_>>(),
-        [(kept, 3)]
-    );
+    let (_, dropped) = put(&mut s, &unit(4, 1, 500, false, false));
+    assert_eq!(whole(&dropped), [(kept, 3)]);
     drop(s);
     assert!(verify(&o.dir).expect("verify").is_clean());
 }
@@ -927,16 +910,8 @@ fn frames_index_is_rebuilt_for_whole_frames_after_a_crash_between_trees() {
     let d = tmp();
     let o = opts(d.path(), 100 * MB, WhenFull::DropOldestFrames);
     let (mut s, _) = open(&o);
-    let a = stored(
-        s.append_frame(&unit(1, 4, 1000, true, false))
-            .expect("append"),
-    )
-    .0;
-    let b = stored(
-        s.append_frame(&unit(2, 2, 1000, true, false))
-            .expect("append"),
-    )
-    .0;
+    let a = put(&mut s, &unit(1, 4, 1000, true, false)).0;
+    let b = put(&mut s, &unit(2, 2, 1000, true, false)).0;
     let before = s.stats();
     drop(s);
     {
@@ -960,17 +935,8 @@ fn frames_index_is_rebuilt_for_whole_frames_after_a_crash_between_trees() {
         ..o.clone()
     };
     let (mut s, _) = open(&o2);
-    let (_, dropped) = stored(
-        s.append_frame(&unit(3, 2, 1000, false, false))
-            .expect("append"),
-    );
-    assert_eq!(
-        dropped
-            .iter()
-            .map(|d| (d.seq, d.records))
-            .collect::<Vec<_>>(),
-        [(a, 4)]
-    );
+    let (_, dropped) = put(&mut s, &unit(3, 2, 1000, false, false));
+    assert_eq!(whole(&dropped), [(a, 4)]);
     assert_whole_frames(&all(&mut s), &HashSet::new(), "after the drop");
 }
 
@@ -1014,11 +980,7 @@ fn a_spool_written_before_frames_were_units_opens_unchanged() {
         old
     );
     // New frames are units beside the old ones; the old chunks are still frames of one record.
-    let new = stored(
-        s.append_frame(&unit(2, 3, 1500, true, false))
-            .expect("append"),
-    )
-    .0;
+    let new = put(&mut s, &unit(2, 3, 1500, true, false)).0;
     assert_eq!(new, 4);
     drop(s);
     let chunk = old[0].size() as u64;
@@ -1028,29 +990,14 @@ fn a_spool_written_before_frames_were_units_opens_unchanged() {
     };
     let (mut s, report) = open(&o2);
     assert_eq!(report.index_repaired, 0, "nothing to migrate");
-    let (_, dropped) = stored(
-        s.append_frame(&unit(3, 1, 1500, false, false))
-            .expect("append"),
-    );
+    let (_, dropped) = put(&mut s, &unit(3, 1, 1500, false, false));
     assert_eq!(
-        dropped
-            .iter()
-            .map(|d| (d.seq, d.records))
-            .collect::<Vec<_>>(),
+        whole(&dropped),
         [(0, 1)],
         "an old chunk is dropped alone, as the previous version did"
     );
-    let (_, dropped) = stored(
-        s.append_frame(&unit(4, 3, 1500, false, false))
-            .expect("append"),
-    );
-    assert_eq!(
-        dropped
-            .iter()
-            .map(|d| (d.seq, d.records))
-            .collect::<Vec<_>>(),
-        [(1, 1), (2, 1), (new, 3)]
-    );
+    let (_, dropped) = put(&mut s, &unit(4, 3, 1500, false, false));
+    assert_eq!(whole(&dropped), [(1, 1), (2, 1), (new, 3)]);
     drop(s);
     assert!(verify(&o.dir).expect("verify").is_clean());
 }
