@@ -527,7 +527,7 @@ fn drop_oldest_frames_drops_chunked_frames_whole_and_counts_them() {
     let dropped = scrape(&node, "fovea_frames_dropped_total");
 
     let kafka = broker_returns(dir.path(), kafka_port, "drop", 10);
-    let kept = 10 - dropped as usize;
+    let kept = 10usize.saturating_sub(dropped as usize).max(1);
     let sets = wait_for_frames(&kafka, kept, Duration::from_secs(60));
     assert_no_partial_frame(&sets);
     let out = dir.path().join("export");
