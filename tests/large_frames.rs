@@ -25,22 +25,6 @@ fn config(mqtt: &Mosquitto, kafka: &Kafka, extra: &str) -> String {
     )
 }
 
-/// Runs `fovea frames export` into `out`; returns its summary line.
-fn export(kafka: &Kafka, out: &Path) -> String {
-    let (code, stdout, stderr) = fovea(&[
-        "frames",
-        "export",
-        "--brokers",
-        &kafka.brokers(),
-        "--out",
-        out.to_str().unwrap(),
-        "--idle-exit",
-        "8",
-    ]);
-    assert_eq!(code, Some(0), "export failed: {stdout}{stderr}");
-    stdout
-}
-
 fn exported(out: &Path, camera: &str) -> Vec<u8> {
     let dir = out.join(camera);
     let files: Vec<_> = std::fs::read_dir(&dir)
@@ -110,7 +94,7 @@ fn frames_from_100_kb_to_50_mb_arrive_byte_identical_under_a_1_mib_limit() {
     let records = kafka.read("fovea.frames", 1, Duration::from_secs(30));
     assert_records_fit(&records);
     let out = dir.path().join("export");
-    let summary = export(&kafka, &out);
+    let summary = export_frames(&kafka, &out);
     assert!(
         summary.contains("exported 6 frame(s) (2 inline, 4 chunked, 0 claim-check)"),
         "{summary}"
@@ -161,7 +145,7 @@ fn a_4_mb_frame_uploaded_in_128_kb_chunks_is_reassembled() {
     assert_eq!(result.metadata["site"], "dock");
     assert_eq!(result.record_id, "test-node/small-cam/s42");
     let out = dir.path().join("export");
-    export(&kafka, &out);
+    export_frames(&kafka, &out);
     assert!(exported(&out, "small-cam") == image);
 }
 
@@ -181,7 +165,7 @@ fn ten_cameras_sending_large_frames_at_once_get_their_own_frames_back() {
     let results = kafka.read("fovea.results", 10, WAIT);
     assert_eq!(results.len(), 10);
     let out = dir.path().join("export");
-    let summary = export(&kafka, &out);
+    let summary = export_frames(&kafka, &out);
     assert!(summary.contains("exported 10 frame(s)"), "{summary}");
     for (i, image) in images.iter().enumerate() {
         assert!(
@@ -277,7 +261,7 @@ fn claim_check_record_holds_a_reference_to_identical_bytes() {
     let result = InferenceResult::decode(results[0].payload().unwrap()).unwrap();
     assert_eq!(result.frame.unwrap().size_policy, "claim-check");
     let out = dir.path().join("export");
-    let summary = export(&kafka, &out);
+    let summary = export_frames(&kafka, &out);
     assert!(summary.contains("1 claim-check"), "{summary}");
     assert!(exported(&out, "claimed") == image);
 }

@@ -1,17 +1,27 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 //! Faults on the way to the local broker, with real mosquitto, a real Kafka-protocol broker and
-//! the real `fovea` binary: the broker stopped under load, the node SIGKILLed, the spool full, a
-//! corrupt spool, no broker at start. Each test counts what was sent and what arrived.
+//! the real `fovea` binary: the broker stopped under load, the node SIGKILLed, the spool full
+//! (also with chunked frames), the spool's file system full, a corrupt spool, no broker at
+//! start. Each test counts what was sent, acked and arrived.
 
 mod harness;
 
+use fovea_proto::chunks::{HEADER_CHUNK_COUNT, HEADER_CHUNK_INDEX};
+use fovea_proto::headers as h;
 use harness::*;
-use std::collections::HashSet;
+use rdkafka::message::OwnedMessage;
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// Classifier only (the load tests need the CPU), a short divert time so an outage is noticed
-/// quickly, and any extra settings.
+/// quickly, and any extra `[spool]` settings.
 fn config(mqtt: &Mosquitto, kafka_port: u16, extra: &str) -> String {
+    config_with(mqtt, kafka_port, "", extra)
+}
+
+/// [`config`] with extra `[kafka]` settings too.
+fn config_with(mqtt: &Mosquitto, kafka_port: u16, kafka_extra: &str, extra: &str) -> String {
     let models = repo_root().join("models");
     format!(
         r#"
@@ -24,6 +34,7 @@ port = {mqtt}
 
 [kafka]
 brokers = "127.0.0.1:{kafka_port}"
+{kafka_extra}
 
 [inference]
 onnxruntime_library = "{ort}"
@@ -351,4 +362,283 @@ fn broker_down_at_start_then_appearing_gets_everything() {
         frames_by_frame,
     );
     assert_eq!((results.len(), frames.len()), (5, 5));
+}
+
+// ---- frames in chunks, and a full file system ----
+
+/// Records of at most 64 KiB instead of the packaged 1 MiB, so that the sample photos (240 to
+/// 790 KB) travel as 4 to 13 chunks.
+const SMALL_RECORDS: &str = "record_limit_bytes = 65536";
+
+/// A camera's image split into chunk records: one photo, `coffee.png` (467 KB, 8 chunks of 64 KiB).
+fn coffee() -> Vec<u8> {
+    sample_image("coffee.png")
+}
+
+/// The chunk indexes seen for each frame record id on the frames topic, and the count they
+/// announce (a frame in one record: count 1, index 0).
+type ChunkSets = HashMap<String, (usize, HashSet<usize>)>;
+
+fn chunk_sets(records: &[OwnedMessage]) -> ChunkSets {
+    let mut out = ChunkSets::new();
+    for r in records {
+        let id = header(r, h::RECORD_ID).expect("record id");
+        let num = |name: &str, default: usize| {
+            header(r, name).map_or(default, |v| v.parse().expect("chunk header"))
+        };
+        let e = out.entry(id).or_default();
+        e.0 = num(HEADER_CHUNK_COUNT, 1);
+        e.1.insert(num(HEADER_CHUNK_INDEX, 0));
+    }
+    out
+}
+
+/// Reads the frames topic until `frames` frames arrived whole (or `timeout` passed).
+fn wait_for_frames(kafka: &Kafka, frames: usize, timeout: Duration) -> ChunkSets {
+    let deadline = Instant::now() + timeout;
+    let mut want = frames;
+    loop {
+        let sets = chunk_sets(&kafka.read("fovea.frames", want, Duration::from_secs(20)));
+        let whole = sets.values().filter(|(n, got)| got.len() == *n).count();
+        if whole >= frames || Instant::now() > deadline {
+            return sets;
+        }
+        want = frames * sets.values().map(|(n, _)| *n).max().unwrap_or(1);
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
+/// No frame in Kafka lacks a chunk.
+fn assert_no_partial_frame(sets: &ChunkSets) {
+    for (id, (count, got)) in sets {
+        let missing: Vec<usize> = (0..*count).filter(|i| !got.contains(i)).collect();
+        assert!(
+            missing.is_empty(),
+            "{id}: chunks {missing:?} of {count} never arrived"
+        );
+    }
+}
+
+/// The camera sequences of the files `fovea frames export` wrote for `camera` (`s7.png` -> 7),
+/// each checked byte for byte against `image`.
+fn exported_sequences(out: &Path, camera: &str, image: &[u8]) -> Vec<u64> {
+    let mut seqs: Vec<u64> = std::fs::read_dir(out.join(camera))
+        .map(|d| d.map(|e| e.unwrap().path()).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .iter()
+        .map(|path| {
+            assert!(std::fs::read(path).unwrap() == image, "{}", path.display());
+            let stem = path.file_stem().and_then(|s| s.to_str()).unwrap();
+            stem.strip_prefix('s').and_then(|n| n.parse().ok()).unwrap()
+        })
+        .collect();
+    seqs.sort_unstable();
+    seqs
+}
+
+/// Starts the local broker on `port` and waits until every result of `camera`'s frames
+/// 1..=`count` arrived (once each id).
+fn broker_returns(dir: &Path, port: u16, camera: &str, count: u64) -> Kafka {
+    let kafka = Kafka::start_on(dir, "edge", port);
+    let all = numbered(camera, count);
+    let timeout = Duration::from_secs(120);
+    let results = wait_for_all(&kafka, "fovea.results", &all, timeout, results_by_frame);
+    assert_complete("results", &results, &all);
+    kafka
+}
+
+fn scrape(node: &Node, series: &str) -> f64 {
+    let (_, body) = node.http_get("/metrics");
+    metric(&body, series).unwrap_or_else(|| panic!("no {series} in:\n{body}"))
+}
+
+#[test]
+fn backpressure_holds_a_chunked_frame_larger_than_the_free_spool_whole_and_unacked() {
+    let dir = temp_dir();
+    let mqtt = Mosquitto::start(dir.path());
+    let kafka_port = free_port();
+    // Not the packaged defaults: 64 KiB records (not 1 MiB) so that coffee.png goes as 8 chunks,
+    // and a spool of 1 MiB (the least allowed; not 1 GiB) that holds two such frames and leaves
+    // room for more than one chunk, not for the third frame: where checking the first chunk
+    // alone let a frame in part-way.
+    let spool = "max_bytes = 1048576\nwhen_full = \"backpressure\"";
+    let node = Node::start(
+        dir.path(),
+        &config_with(&mqtt, kafka_port, SMALL_RECORDS, spool),
+    );
+    let image = coffee();
+    publish_numbered(&mqtt, "held", 6, &image);
+    wait_log(&node, "spooled: 2 frame(s) acked", Duration::from_secs(60));
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(
+        !node.proc.log_text().contains("spooled: 3 frame(s)"),
+        "the third frame must wait un-acked"
+    );
+    assert_eq!(scrape(&node, "fovea_frames_acked_total"), 2.0);
+    assert_eq!(scrape(&node, "fovea_frames_dropped_total"), 0.0);
+    let free = 1_048_576.0 - scrape(&node, "fovea_spool_bytes");
+    assert!(
+        free > 65_536.0 && free < image.len() as f64,
+        "room for a chunk, not for a frame: {free} bytes free"
+    );
+    let frame_records = scrape(&node, "fovea_spool_records{class=\"frame\"}");
+    println!(
+        "broker away: 2 of 6 frames acked, {frame_records} chunk records spooled, {free} bytes free"
+    );
+
+    // The broker returns: the spool drains, then the held frames (still queued at mosquitto)
+    // are written.
+    let kafka = broker_returns(dir.path(), kafka_port, "held", 6);
+    let sets = wait_for_frames(&kafka, 6, Duration::from_secs(120));
+    assert_no_partial_frame(&sets);
+    assert_eq!(sets.len(), 6, "{:?}", sets.keys().collect::<Vec<_>>());
+    let chunks = sets.values().map(|(n, _)| *n).max().unwrap();
+    assert!(chunks >= 7, "coffee.png in {chunks} chunks");
+    assert_eq!(
+        frame_records,
+        (2 * chunks) as f64,
+        "two whole frames were spooled"
+    );
+    let out = dir.path().join("export");
+    let summary = export_frames(&kafka, &out);
+    assert!(summary.contains(" 0 incomplete, 0 failed"), "{summary}");
+    assert_eq!(
+        exported_sequences(&out, "held", &image),
+        (1..=6).collect::<Vec<_>>()
+    );
+    assert_eq!(scrape(&node, "fovea_frames_acked_total"), 6.0);
+    assert_eq!(scrape(&node, "fovea_frames_dropped_total"), 0.0);
+}
+
+#[test]
+fn drop_oldest_frames_drops_chunked_frames_whole_and_counts_them() {
+    let dir = temp_dir();
+    let mqtt = Mosquitto::start(dir.path());
+    let kafka_port = free_port();
+    // Not the packaged defaults: 64 KiB records (not 1 MiB) so that coffee.png goes as 8 chunks,
+    // a 1 MiB spool (not 1 GiB) that holds two such frames: of 10, most must go.
+    let mut node = Node::start(
+        dir.path(),
+        &config_with(&mqtt, kafka_port, SMALL_RECORDS, "max_bytes = 1048576"),
+    );
+    let image = coffee();
+    publish_numbered(&mqtt, "drop", 10, &image);
+    wait_log(&node, "spooled: 10 frame(s) acked", Duration::from_secs(60));
+    let dropped = scrape(&node, "fovea_frames_dropped_total");
+
+    let kafka = broker_returns(dir.path(), kafka_port, "drop", 10);
+    let kept = 10usize.saturating_sub(dropped as usize).max(1);
+    let sets = wait_for_frames(&kafka, kept, Duration::from_secs(60));
+    assert_no_partial_frame(&sets);
+    let out = dir.path().join("export");
+    let summary = export_frames(&kafka, &out);
+    assert!(summary.contains(" 0 incomplete, 0 failed"), "{summary}");
+    let arrived = exported_sequences(&out, "drop", &image);
+    assert!(
+        (1..=3).contains(&arrived.len()),
+        "frames kept: {arrived:?} ({dropped} dropped)"
+    );
+    // The oldest went first, and the counter is the number of frames missing, not of chunks.
+    assert_eq!(
+        arrived,
+        ((11 - arrived.len() as u64)..=10).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        dropped as usize,
+        10 - arrived.len(),
+        "drop counter vs frames missing"
+    );
+    println!("frames kept {arrived:?}, {dropped} dropped whole; {summary}");
+    node.stop();
+    let spool_dir = dir.path().join("state/spool");
+    let (code, stats, err) = fovea(&["spool", "stats", "--dir", spool_dir.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        stats.contains(&format!(
+            "dropped frame/spool-full-oldest: {}",
+            10 - arrived.len()
+        )),
+        "{stats}"
+    );
+}
+
+/// A tmpfs of `mib` MiB mounted at `at` until dropped; `None`, with a line saying why, where
+/// mounting is not allowed (it needs root).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, mib: u64) -> Option<Tmpfs> {
+        std::fs::create_dir_all(at).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(at)
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Some(Tmpfs(at.to_path_buf())),
+            Ok(o) => {
+                println!(
+                    "SKIPPED: cannot mount a tmpfs ({}); this test needs root",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+                None
+            }
+            Err(e) => {
+                println!("SKIPPED: cannot run mount ({e}); this test needs root");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_spool_on_a_full_file_system_keeps_frames_unacked_and_loses_nothing() {
+    let dir = temp_dir();
+    // 16 MiB for the spool, whose max_bytes stays at the packaged 1 GiB: the disk is the limit.
+    let Some(_fs) = Tmpfs::mount(&dir.path().join("spool-fs"), 16) else {
+        return;
+    };
+    let mqtt = Mosquitto::start(dir.path());
+    let kafka_port = free_port();
+    let spool = format!("dir = \"{}\"", dir.path().join("spool-fs/spool").display());
+    let node = Node::start(dir.path(), &config(&mqtt, kafka_port, &spool));
+    // astronaut.png (792 KB, one record of its own file): about 15 fit beside the reserve.
+    let image = sample_image("astronaut.png");
+    publish_numbered(&mqtt, "disk", 30, &image);
+    wait_log(&node, "the file system is full", Duration::from_secs(60));
+    std::thread::sleep(Duration::from_secs(3));
+    let acked = scrape(&node, "fovea_frames_acked_total");
+    assert!((5.0..30.0).contains(&acked), "{acked} frames acked");
+    assert!(
+        scrape(
+            &node,
+            "fovea_spool_write_failures_total{reason=\"disk-full\"}"
+        ) >= 1.0
+    );
+    assert_eq!(scrape(&node, "fovea_frames_dropped_total"), 0.0);
+    assert_eq!(scrape(&node, "fovea_spool_records{class=\"frame\"}"), acked);
+    let log = node.proc.log_text();
+    assert!(!log.contains("panicked"), "{log}");
+    println!(
+        "the 16 MiB file system took {acked} of 30 frames; {} disk-full retries",
+        scrape(
+            &node,
+            "fovea_spool_write_failures_total{reason=\"disk-full\"}"
+        )
+    );
+    assert!(
+        log.matches("the file system is full").count() <= 2,
+        "logged at most every 10 s:\n{log}"
+    );
+
+    // The broker returns: what was acked drains, the rest comes from mosquitto. All 30 arrive.
+    let kafka = Kafka::start_on(dir.path(), "edge", kafka_port);
+    assert_all_arrived(&kafka, &numbered("disk", 30), Duration::from_secs(120));
+    assert_eq!(scrape(&node, "fovea_frames_acked_total"), 30.0);
+    assert_eq!(scrape(&node, "fovea_frames_dropped_total"), 0.0);
 }

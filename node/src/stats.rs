@@ -67,8 +67,6 @@ pub struct Stats {
     pub spooled: AtomicU64,
     pub drained: AtomicU64,
     pub spool_dropped: AtomicU64,
-    /// Spool appends or flushes that failed (a full disk, I/O errors): the frames stayed un-acked.
-    pub spool_write_failures: AtomicU64,
     /// Records the local broker refused for good, by class (frame, result, dead letter): each
     /// replaced by a `record-refused` dead letter.
     refused: [AtomicU64; 3],
@@ -88,6 +86,9 @@ pub struct Stats {
     pub uplink_lag: Mutex<BTreeMap<String, i64>>,
     /// Dead letters written, by their kind (`decode-failed`, `too-large`, ...).
     pub rejected: Mutex<BTreeMap<String, u64>>,
+    /// Failed spool appends and flushes, by reason (`disk-full`, `error`): each held frames
+    /// un-acked for a retry.
+    pub spool_write_failures: Mutex<BTreeMap<String, u64>>,
     /// The spool's figures, refreshed by the outbox about once a second.
     pub spool: Mutex<Option<SpoolStats>>,
     /// The outbox's delivery mode ([`Mode`]), see [`Stats::local_broker`].
@@ -190,6 +191,13 @@ impl Stats {
     pub fn reject(&self, kind: &str) {
         if let Ok(mut map) = self.rejected.lock() {
             *map.entry(kind.to_string()).or_default() += 1;
+        }
+    }
+
+    /// Counts a failed spool write (`disk-full` or `error`).
+    pub fn spool_write_failure(&self, reason: &str) {
+        if let Ok(mut map) = self.spool_write_failures.lock() {
+            *map.entry(reason.to_string()).or_default() += 1;
         }
     }
 

@@ -687,6 +687,23 @@ pub fn frames_by_frame(records: &[OwnedMessage]) -> ByFrame {
     out
 }
 
+/// Runs `fovea frames export` of the frames topic into `out` (reassembling chunks, checking
+/// each frame's CRC); fails the test unless it exits 0. Returns its summary line.
+pub fn export_frames(kafka: &Kafka, out: &Path) -> String {
+    let (code, stdout, stderr) = fovea(&[
+        "frames",
+        "export",
+        "--brokers",
+        &kafka.brokers(),
+        "--out",
+        out.to_str().expect("utf-8 path"),
+        "--idle-exit",
+        "8",
+    ]);
+    assert_eq!(code, Some(0), "export failed: {stdout}{stderr}");
+    stdout
+}
+
 /// Noise PNGs (side 183 ~ 100 KB, 606 ~ 1.1 MB, 1155 ~ 4 MB, 4083 ~ 50 MB): the bench's generator.
 #[allow(unused_imports)] // not every test binary makes large frames
 pub use fovea::tools::bench::noise_png;

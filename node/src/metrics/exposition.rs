@@ -117,7 +117,7 @@ pub fn render(health: &Health, process: &Process) -> String {
 }
 
 fn counters(out: &mut Out, s: &Stats) {
-    let simple: [(&str, &str, &AtomicU64); 10] = [
+    let simple: [(&str, &str, &AtomicU64); 9] = [
         (
             "fovea_frames_received_total",
             "Frames taken from MQTT (whole frames, after chunk reassembly).",
@@ -152,11 +152,6 @@ fn counters(out: &mut Out, s: &Stats) {
             "fovea_delivery_failures_total",
             "Records the producer refused or a broker failed (they are spooled or retried).",
             &s.delivery_failures,
-        ),
-        (
-            "fovea_spool_write_failures_total",
-            "Spool appends or flushes that failed (e.g. a full disk); the frames stayed un-acked and were retried.",
-            &s.spool_write_failures,
         ),
         (
             "fovea_records_given_up_total",
@@ -199,6 +194,24 @@ fn counters(out: &mut Out, s: &Stats) {
             "fovea_records_delivered_total",
             &[("kind", kind)],
             Stats::get(counter) as f64,
+        );
+    }
+    out.help(
+        "fovea_spool_write_failures_total",
+        "counter",
+        "Spool appends and flushes that failed, by reason (disk-full, error); the frames stay un-acked at the MQTT broker and are retried.",
+    );
+    let failures = s
+        .spool_write_failures
+        .lock()
+        .map(|m| m.clone())
+        .unwrap_or_default();
+    for reason in ["disk-full", "error"] {
+        let n = failures.get(reason).copied().unwrap_or(0);
+        out.line(
+            "fovea_spool_write_failures_total",
+            &[("reason", reason)],
+            n as f64,
         );
     }
     out.help(

@@ -37,6 +37,8 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 const DRAIN_WINDOW: usize = 256;
 /// Drops and spool write failures are logged at most this often (they are counted always).
 const LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// After a failed spool write, the next try waits this long (a full disk stays full a while).
+const WRITE_RETRY: Duration = Duration::from_millis(250);
 /// How often the spool's figures are copied out for the metrics endpoint.
 const SPOOL_STATS_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -64,6 +66,7 @@ struct Run {
     drops: BTreeMap<String, u64>,
     last_drop_log: Instant,
     last_write_failure_log: Option<Instant>,
+    last_write_failure: Option<Instant>,
     last_spool_stats: Option<Instant>,
     spool_acked: u64,
 }
@@ -88,6 +91,7 @@ impl<P: Produce> Outbox<P> {
             drops: BTreeMap::new(),
             last_drop_log: Instant::now(),
             last_write_failure_log: None,
+            last_write_failure: None,
             last_spool_stats: None,
             spool_acked: 0,
         };
@@ -329,56 +333,74 @@ impl<P: Produce> Outbox<P> {
     /// Appends frames to the spool, each as one unit, in order, until one is refused or fails;
     /// then flushes once.
     fn spool_frames(&mut self, frames: Vec<(FrameId, Vec<Arc<Record>>)>, run: &mut Run) -> Event {
+        if run
+            .last_write_failure
+            .is_some_and(|t| t.elapsed() < WRITE_RETRY)
+        {
+            return Event::Spooled {
+                stored: Vec::new(),
+                flushed: true,
+            };
+        }
         let now = now_ms();
         let mut stored = Vec::new();
         for (id, records) in frames {
             let unit: Vec<SpoolRecord> = records.iter().map(|r| r.to_spool(now)).collect();
-            match tokio::task::block_in_place(|| self.spool.append_frame(&unit)) {
-                Ok(Appended::Stored { dropped, .. }) => {
-                    self.stats
-                        .spooled
-                        .fetch_add(unit.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                    for d in dropped {
-                        Stats::incr(&self.stats.spool_dropped);
-                        *run.drops
-                            .entry(format!("{}/spool-full-oldest", d.class.name()))
-                            .or_default() += 1;
+            let (seqs, dropped, dropped_itself) =
+                match tokio::task::block_in_place(|| self.spool.append_frame(&unit)) {
+                    Ok(Appended::Stored { seqs, dropped }) => (seqs, dropped, false),
+                    Ok(Appended::FrameDropped { seqs, dropped, .. }) => (seqs, dropped, true),
+                    Ok(Appended::Refused) => break, // full under backpressure: held un-acked
+                    Err(e) => {
+                        self.write_failed(&e, run);
+                        break;
                     }
-                    stored.push(id);
-                }
-                Ok(Appended::Refused) => break, // full under backpressure: held un-acked
-                Err(e) => {
-                    Stats::incr(&self.stats.spool_write_failures);
-                    if run
-                        .last_write_failure_log
-                        .is_none_or(|t| t.elapsed() >= LOG_INTERVAL)
-                    {
-                        log::error!(
-                            "spool write failed ({e}); holding the frame(s) un-acked and retrying"
-                        );
-                        run.last_write_failure_log = Some(Instant::now());
-                    }
-                    break;
-                }
+                };
+            self.stats
+                .spooled
+                .fetch_add(seqs.end - seqs.start, std::sync::atomic::Ordering::Relaxed);
+            let reasons = dropped
+                .iter()
+                .map(|d| format!("{}/spool-full-oldest", d.class.name()))
+                .chain(dropped_itself.then(|| "frame/spool-full-no-room".to_string()));
+            for reason in reasons {
+                Stats::incr(&self.stats.spool_dropped);
+                *run.drops.entry(reason).or_default() += 1;
             }
+            stored.push(id);
         }
         let flushed = stored.is_empty() || self.flush_spool(run);
         Event::Spooled { stored, flushed }
+    }
+
+    /// Counts a failed spool write or flush and logs it (at most once per interval); the frames
+    /// concerned stay un-acked and are retried after [`WRITE_RETRY`].
+    fn write_failed(&mut self, e: &crate::spool::SpoolError, run: &mut Run) {
+        self.stats.spool_write_failure(if e.is_disk_full() {
+            "disk-full"
+        } else {
+            "error"
+        });
+        run.last_write_failure = Some(Instant::now());
+        if run
+            .last_write_failure_log
+            .is_none_or(|t| t.elapsed() >= LOG_INTERVAL)
+        {
+            log::error!(
+                "spool write failed ({e}): holding frames un-acked at the MQTT broker and retrying \
+                 (logged at most every {} s; fovea_spool_write_failures_total counts them)",
+                LOG_INTERVAL.as_secs()
+            );
+            run.last_write_failure_log = Some(Instant::now());
+        }
     }
 
     fn flush_spool(&mut self, run: &mut Run) -> bool {
         match tokio::task::block_in_place(|| self.spool.flush()) {
             Ok(()) => true,
             Err(e) => {
-                Stats::incr(&self.stats.spool_write_failures);
-                if run
-                    .last_write_failure_log
-                    .is_none_or(|t| t.elapsed() >= LOG_INTERVAL)
-                {
-                    // Not durable: the frames stay un-acked; the broker redelivers them if we die.
-                    log::error!("spool flush failed ({e}); frames left un-acked, retrying");
-                    run.last_write_failure_log = Some(Instant::now());
-                }
+                // Not durable: the frames stay un-acked; the broker redelivers them if we die.
+                self.write_failed(&e, run);
                 false
             }
         }

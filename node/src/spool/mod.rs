@@ -1,9 +1,10 @@
 //! The spool: the durable on-disk buffer for records the local Kafka broker cannot take right now.
 //!
 //! While the broker is away, slow or refusing, the outbox appends every record bound for Kafka
-//! here, calls [`Spool::flush`], and only then acknowledges the camera's MQTT frame. When the
-//! broker is back it drains the spool oldest-first ([`Spool::oldest`]) and removes each record
-//! once Kafka acknowledged it ([`Spool::remove`]).
+//! here, one frame at a time ([`Spool::append_frame`]: its frame record or chunks, its result,
+//! its dead letters, all or nothing), calls [`Spool::flush`], and only then acknowledges the
+//! camera's MQTT frame. When the broker is back it drains the spool oldest-first
+//! ([`Spool::oldest`]) and removes each record once Kafka acknowledged it ([`Spool::remove`]).
 //!
 //! Files: [`record`] (the on-disk format), [`sled_spool`] (the engine's policy: appends, drops,
 //! quarantine), `store` (the sled database: opening, locks, the start-up scan), `large` (record
@@ -20,8 +21,8 @@
 //! |---|---|---|
 //! | `records` | seq, u64 big-endian (sled's key order is append order) | the record, or a file stub (format below) |
 //! | `index` | seq of every record | class (u8), [`SpoolRecord::size`] (u64 BE), `created_ms` (i64 BE): counters, drops and removals never read or decode a record |
-//! | `frames` | seq of every frame record | its size, u64 BE: finds the oldest frame to drop without walking past results |
-//! | `meta` | `next_seq`; `drop/<class>/<reason>` | u64 big-endian |
+//! | `frames` | seq of the first frame record of every whole frame that may be dropped | its frame records' bytes and the seq of its last one, u64 BE each: finds the oldest frame to drop without walking past results |
+//! | `meta` | `next_seq`; `drop/<class>/<reason>`; `unit_open`, `drop_open` while an append or a drop is under way | u64 big-endian; the markers: first seq and end seq (exclusive) |
 //! | `quarantine` | seq (as found in `records`) | the raw bytes of a record that failed its checks |
 //!
 //! **Large records live in files.** A record whose encoding exceeds 64 KiB is written to
@@ -43,8 +44,13 @@
 //! 3       4     CRC-32C (Castagnoli) of the body, u32 little-endian
 //! 7       4     body length in bytes, u32 little-endian
 //! 11      n     body: protobuf (prost) message: class (1 frame, 2 result, 3 dead letter),
-//!               topic, key, headers (name, value), value, created_ms
+//!               topic, key, headers (name, value), value, created_ms, and in frame records
+//!               the frame they belong to: seq of its first frame record (7), how many (8)
 //! ```
+//!
+//! Fields 7 and 8 came with whole-frame units and are optional: a record without them (written
+//! by an earlier version, or a result) is a frame of one record, and an earlier version reads the
+//! new records unchanged (protobuf skips unknown fields), so the format version stays 1.
 //!
 //! A value whose magic, version, length, checksum, protobuf or class does not check out (or
 //! whose record file is missing or disagrees with its stub) is *corrupt*: it is moved, byte for
@@ -55,11 +61,18 @@
 //!
 //! # Durability rules
 //!
-//! - **append** puts the record in sled's memory and log buffer (a large one also in its file,
-//!   not synced). It is *not* durable: a crash (SIGKILL, power loss) before the next flush may
-//!   lose it. (sled also flushes on its own every 500 ms; that only makes loss less likely,
-//!   nothing relies on it.) Sequence numbers strictly increase and are never reused: the next
-//!   one is stored with every append.
+//! - **append** ([`Spool::append_frame`]) puts one frame's records in sled's memory and log
+//!   buffer (a large one also in its file, not synced), under consecutive seqs. It is *not*
+//!   durable: a crash (SIGKILL, power loss) before the next flush may lose it. (sled also
+//!   flushes on its own every 500 ms; that only makes loss less likely, nothing relies on it.)
+//!   Sequence numbers strictly increase and are never reused: the next one is stored with every
+//!   append. An append is all or nothing: the `unit_open` marker is written before its records
+//!   and removed after its `frames` entry; an error half-way removes what it wrote (if even
+//!   that fails, the spool retries it before any other operation, and the marker makes the next
+//!   open do it); a crash half-way leaves the marker, and the next open removes the unit's
+//!   records (never flushed as a whole, so never acknowledged). This relies on sled recovering
+//!   a prefix of its log after a crash, which is how its log recovery works: it stops at the
+//!   first torn or missing entry.
 //! - **flush** fsyncs the record files written since the last flush and their folder, *then*
 //!   calls sled's `flush()` (which fsyncs its log), so a durable stub never points at a file that
 //!   is not. The outbox acknowledges an MQTT frame only after the flush that follows its records
@@ -70,17 +83,24 @@
 //!   after the flush that made its removal durable (`remove` flushes itself when it removed a
 //!   large record, to give the space back at once); a crash in between leaves an orphaned file,
 //!   which the next open deletes.
-//! - **drops** (a full spool, [`WhenFull::DropOldestFrames`]): the counter in `meta` is written
-//!   before the dropped record is removed and both become durable at the next flush: after a
-//!   crash a drop is either undone (the frame is still there) or counted, never silently lost.
+//! - **drops** (a full spool, [`WhenFull::DropOldestFrames`]) take whole frames: the frame's
+//!   entry in `frames` names its first and last seq, and every frame record in between goes
+//!   (results and dead letters between them stay). The counter in `meta` (one per frame) is
+//!   written first, then the `drop_open` marker, the removals, and the marker's removal; all
+//!   become durable at the next flush: after a crash a drop is either undone (the frame is still
+//!   there, whole) or counted and finished by the next open (no part of the frame drains). A
+//!   frame one of whose records was removed (delivered to Kafka, or quarantined) leaves
+//!   `frames`: it is never dropped, so Kafka never gets part of a frame because of a drop.
 //! - **the seq file** `fovea-next-seq` holds the next seq as of the last open, clean close, or
 //!   flush at least 10 s after its previous update (always after a successful sled flush: write,
 //!   fsync, rename, fsync the folder). sled 0.34 may open a database whose log is garbage as an
 //!   *empty* one, without an error; sled's next seq below the file's shows that it lost records.
 //!   It also keeps seqs increasing across a spool moved aside.
 //! - **open** scans every record once: it verifies checksums, quarantines corrupt records,
-//!   rebuilds the counters, repairs `index` and `frames` (the trees are written one after the
-//!   other, so a crash may leave them one step behind) and deletes orphaned record files. If
+//!   undoes an interrupted append and finishes an interrupted drop (the markers), rebuilds the
+//!   counters, repairs `index` and `frames` (the trees are written one after the other, so a
+//!   crash may leave them one step behind; `frames` is rebuilt from fields 7 and 8: a frame all
+//!   of whose records are present) and deletes orphaned record files. If
 //!   sled refuses to open the folder, or lost records, the folder is renamed to
 //!   `<dir>.corrupt-<unix-ms>` and a fresh spool is created: the node starts instead of
 //!   crash-looping, and the old files are kept for inspection.
@@ -88,13 +108,46 @@
 //! What a crash can lose, in short: records appended since the last successful flush, which
 //! the outbox has not acknowledged to anyone. Nothing that was acknowledged.
 //!
+//! **A spool written by the previous version** (single-record `frames` entries of 8 bytes, no
+//! fields 7 and 8) opens as it is, without migration: an 8-byte entry reads as a frame of one
+//! record, which is what it was to that version. Chunks it spooled one by one stay separate
+//! frames (they may still be dropped one by one, as before); everything appended from then on
+//! is whole frames. The scan finds nothing to repair in such a spool.
+//!
 //! # Size
 //!
 //! `max_bytes` bounds the *record* bytes ([`SpoolRecord::size`]: topic, key, headers and value).
 //! Results and dead letters are always stored, even above it (they are small and are what the
-//! node exists to produce); frames follow [`WhenFull`]. The disk holds more: sled's log of small
-//! records is about twice their size and is reused rather than returned; record files take their
-//! size. Quarantined records are not counted.
+//! node exists to produce); frames follow [`WhenFull`], a whole frame (all its chunks) at a time.
+//! The disk holds more: sled's log of small records is about twice their size and is reused
+//! rather than returned; record files take their size. Quarantined records are not counted.
+//!
+//! # A full disk
+//!
+//! sled 0.34.7 must never meet a full file system. Measured on a 4 MiB tmpfs (a small program
+//! writing 1 KB and 40 KB values, flushing every 16): with small values sled's `flush` fails with
+//! ENOSPC (`Io(Custom { kind: StorageFull, .. })`) and from then on **every** operation of that
+//! database fails the same way, removals included, also after space is freed; a reopen fails
+//! until about 512 KiB are free, then finds every flushed record intact. With 40 KB values
+//! `insert` fails with ENOSPC and the next `flush`, and dropping the database (which flushes),
+//! **hang forever** in sled's `iobuf::make_stable`. No panic, no corruption seen.
+//!
+//! So [`SledSpool`] checks the file system's free space (`statvfs`) before every append: a unit
+//! whose records (about 3 times their bytes for records kept in sled, their size for record
+//! files) would leave less than `DISK_RESERVE_BYTES` (4 MiB) free is not written at all:
+//! [`SpoolError::DiskFull`], which [`SpoolError::is_disk_full`] tells apart, for the outbox to
+//! hold the frame un-acked at the MQTT broker and retry, as under backpressure, whatever
+//! [`WhenFull`] says (a full disk never drops frames, results are held too). The reserve covers
+//! sled's own writes: fill-and-drain cycles on a 12 MiB tmpfs never reached sled's ENOSPC, and a
+//! restart on the full file system opened. Only another process filling the disk can still
+//! bring sled to ENOSPC; the node then holds frames un-acked and needs a restart once space is
+//! free (a hung flush stops the outbox's turns: the watchdog restarts the node).
+//!
+//! sled does not give its space back: on that 12 MiB tmpfs an emptied spool took 7.6 to 8.5 MB
+//! after each of three fill-and-drain cycles (its log grows and blob files of pages over 128 KiB,
+//! several inline records of 30 KB in one leaf, stay: sled issue #786), so each cycle held
+//! fewer frames (27, 17, 4 frames of 4 chunks). Give the spool a file system of several times
+//! `max_bytes`.
 
 pub mod bench;
 mod large;
@@ -110,6 +163,7 @@ pub use record::{Class, SpoolRecord};
 pub use report::{CorruptRecord, OpenReport, SpoolStats, VerifyReport};
 pub use sled_spool::{SledSpool, inject_raw_for_tests, verify};
 
+use std::ops::Range;
 use std::path::PathBuf;
 
 /// What the spool does with a new *frame* when it is full. Results and dead letters are always
@@ -117,11 +171,12 @@ use std::path::PathBuf;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum WhenFull {
-    /// Drop the oldest spooled frames until the new record fits (every drop counted as
-    /// `frame/spool-full-oldest`). Keeps the newest pictures.
+    /// Drop the oldest spooled frames, whole (all their chunks), until the new frame fits
+    /// (every frame dropped counted once as `frame/spool-full-oldest`). Keeps the newest
+    /// pictures.
     DropOldestFrames,
-    /// Refuse the new frame ([`Appended::Refused`]): the caller keeps it un-acked at the MQTT
-    /// broker until the spool drained. Nothing is dropped.
+    /// Refuse the new frame, all of it ([`Appended::Refused`]): the caller keeps it un-acked at
+    /// the MQTT broker until the spool drained. Nothing is dropped.
     Backpressure,
 }
 
@@ -136,27 +191,44 @@ pub struct SpoolOptions {
     pub when_full: WhenFull,
 }
 
-/// The outcome of [`Spool::append`].
+/// The outcome of [`Spool::append_frame`] (and [`Spool::append`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Appended {
-    /// The record is stored under `seq` (durable after the next flush). `dropped` lists the
-    /// older frames dropped to make room (already counted).
-    Stored { seq: u64, dropped: Vec<Dropped> },
-    /// The frame was not stored. Under [`WhenFull::Backpressure`]: nothing was dropped, hold the
-    /// frame un-acked and retry later. Under [`WhenFull::DropOldestFrames`]: the frame does not fit
-    /// even without any older frame, so it was dropped itself (counted as
-    /// `frame/spool-full-no-room`). Only ever returned for [`Class::Frame`].
+    /// Every record of the unit is stored, in order, under the consecutive seqs `seqs` (durable
+    /// after the next flush). `dropped` lists the older frames dropped to make room (already
+    /// counted).
+    Stored {
+        seqs: Range<u64>,
+        dropped: Vec<Dropped>,
+    },
+    /// [`WhenFull::DropOldestFrames`] only: the unit's frame records do not fit even with every
+    /// older frame gone, so they were dropped (all of them, counted once as
+    /// `frame/spool-full-no-room`; `records` and `bytes` say how much) and nothing older was
+    /// dropped for them. Its other records (result, dead letters) are stored under `seqs`
+    /// (empty if there were none), after dropping older frames if they needed the room
+    /// (`dropped`).
+    FrameDropped {
+        seqs: Range<u64>,
+        records: u64,
+        bytes: u64,
+        dropped: Vec<Dropped>,
+    },
+    /// [`WhenFull::Backpressure`] only: the unit holds frame records and does not fit. Nothing of
+    /// it was stored and nothing was dropped: hold the frame un-acked and retry once the spool
+    /// drained.
     Refused,
 }
 
-/// A record dropped to make room for a new one.
+/// A whole frame dropped to make room: every one of its frame records (all its chunks) went.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Dropped {
-    /// Its seq (it will not come out of [`Spool::oldest`] any more).
+    /// Seq of its first frame record (none of them will come out of [`Spool::oldest`] any more).
     pub seq: u64,
     /// Always [`Class::Frame`] today; there to keep the log line and counters honest.
     pub class: Class,
-    /// Its [`SpoolRecord::size`].
+    /// Records it had: its chunks, or 1.
+    pub records: u64,
+    /// Their [`SpoolRecord::size`]s, summed.
     pub bytes: u64,
     /// When it was spooled: how much history was lost.
     pub created_ms: i64,
@@ -164,24 +236,33 @@ pub struct Dropped {
 
 /// A durable, bounded, ordered buffer of [`SpoolRecord`]s. See the module doc for the rules.
 pub trait Spool: Send {
-    /// Appends in order (seq strictly increasing, never reused, also across restarts). Not
-    /// durable until [`Spool::flush`].
+    /// Appends the records of one frame as one unit, all or nothing: its frame record or all its
+    /// chunks, its result, its dead letters (or any subset of them, e.g. the ones whose direct
+    /// delivery failed). They are stored in order under consecutive seqs (strictly increasing,
+    /// never reused, also across restarts). Not durable until [`Spool::flush`].
     ///
-    /// When stored bytes plus the new record exceed `max_bytes`: a frame under
-    /// [`WhenFull::DropOldestFrames`] drops the oldest frames until it fits (returned in
-    /// `dropped`, counted); if it cannot fit even with every older frame gone, nothing is dropped
-    /// and the new frame is refused and counted. A frame under [`WhenFull::Backpressure`] is
-    /// refused, nothing dropped. Results and dead letters are always stored (even above
-    /// `max_bytes`), under `DropOldestFrames` after dropping oldest frames to make room.
-    fn append(&mut self, rec: &SpoolRecord) -> Result<Appended, SpoolError>;
+    /// The unit's frame records form one *frame*: it is dropped whole or not at all. When stored
+    /// bytes plus the unit's exceed `max_bytes`:
+    /// - a unit with frame records under [`WhenFull::Backpressure`] is [`Appended::Refused`]:
+    ///   nothing stored, nothing dropped;
+    /// - under [`WhenFull::DropOldestFrames`] the oldest whole frames are dropped until the unit
+    ///   fits (each counted once as `frame/spool-full-oldest`, listed in `dropped`); if its frame
+    ///   records cannot fit even with every older frame gone, they are dropped instead (counted
+    ///   once as `frame/spool-full-no-room`) and the rest is stored: [`Appended::FrameDropped`];
+    /// - a unit without frame records is always stored (even above `max_bytes`), under
+    ///   `DropOldestFrames` after dropping the oldest frames to make room.
+    ///
+    /// # Errors
+    /// Nothing of the unit stays after an error (what it wrote is rolled back; drops made for it
+    /// stay made and counted, so a retry finds the room). [`SpoolError::DiskFull`] when the file
+    /// system lacks the room (checked before anything is written; see
+    /// [`SpoolError::is_disk_full`]); [`SpoolError::Io`] / [`SpoolError::Sled`] when a write
+    /// fails; [`SpoolError::TooLarge`].
+    fn append_frame(&mut self, records: &[SpoolRecord]) -> Result<Appended, SpoolError>;
 
-    /// Appends the records of one frame (its chunks, result, dead letters) as one unit.
-    fn append_frame(&mut self, records: &[SpoolRecord]) -> Result<Appended, SpoolError> {
-        let mut last = Appended::Refused;
-        for rec in records {
-            last = self.append(rec)?;
-        }
-        Ok(last)
+    /// One record as a unit of its own: [`Spool::append_frame`] of `[rec]`.
+    fn append(&mut self, rec: &SpoolRecord) -> Result<Appended, SpoolError> {
+        self.append_frame(std::slice::from_ref(rec))
     }
 
     /// Makes every record appended (and removed, and every drop counted) so far durable: sled's
@@ -249,6 +330,21 @@ pub enum SpoolError {
     #[error("a record of {bytes} bytes cannot be spooled: {detail}")]
     TooLarge { bytes: u64, detail: String },
 
+    /// The file system holding the spool has too little free space for the unit plus a reserve
+    /// that keeps sled working (see the module doc, "A full disk"). Nothing was written. Keep the
+    /// frames un-acked and retry later; free disk space, or lower `spool.max_bytes` below what
+    /// the disk can hold.
+    #[error(
+        "spool {dir}: the file system is full: {available} bytes free, the records need about \
+         {needed} plus a reserve of {reserve}"
+    )]
+    DiskFull {
+        dir: PathBuf,
+        needed: u64,
+        available: u64,
+        reserve: u64,
+    },
+
     /// sled refuses to open the folder: its own files are damaged. [`SledSpool::open`] handles
     /// this itself (moves the folder aside); `verify` reports it. Start the node to move it aside
     /// and start fresh, or inspect the files.
@@ -257,6 +353,21 @@ pub enum SpoolError {
 }
 
 impl SpoolError {
+    /// The disk (or a quota) is full: [`SpoolError::DiskFull`], or an I/O error ENOSPC / EDQUOT
+    /// (`StorageFull`, `QuotaExceeded`), also when sled wraps it. Treat it as backpressure: keep
+    /// the frames un-acked at the MQTT broker and retry.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            SpoolError::DiskFull { .. } => true,
+            SpoolError::Io { source, .. } => io_is_disk_full(source),
+            SpoolError::Sled {
+                source: sled::Error::Io(source),
+                ..
+            } => io_is_disk_full(source),
+            _ => false,
+        }
+    }
+
     /// An [`SpoolError::Io`] with what was being done.
     pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         SpoolError::Io {
@@ -272,4 +383,18 @@ impl SpoolError {
             source,
         }
     }
+}
+
+/// ENOSPC or EDQUOT, by kind (sled 0.34 rewraps its I/O errors as `Custom { kind: StorageFull,
+/// error: "Os { code: 28, .. }" }`, keeping only the kind), by OS code, or wrapped in another
+/// `io::Error`.
+fn io_is_disk_full(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind;
+    const ENOSPC: i32 = 28;
+    const EDQUOT: i32 = 122;
+    matches!(e.kind(), ErrorKind::StorageFull | ErrorKind::QuotaExceeded)
+        || matches!(e.raw_os_error(), Some(ENOSPC | EDQUOT))
+        || e.get_ref()
+            .and_then(|inner| inner.downcast_ref::<std::io::Error>())
+            .is_some_and(io_is_disk_full)
 }

@@ -117,6 +117,25 @@ struct Body {
     value: Vec<u8>,
     #[prost(int64, tag = "6")]
     created_ms: i64,
+    /// [`FramePart::first`] (frame records written since frames are stored as units).
+    #[prost(uint64, tag = "7")]
+    frame_first: u64,
+    /// [`FramePart::count`]; 0 (absent) in records written before units, and in results and
+    /// dead letters.
+    #[prost(uint32, tag = "8")]
+    frame_count: u32,
+}
+
+/// Which frame a frame record belongs to: every frame record appended by one
+/// `Spool::append_frame` call (the chunks of one frame, or its single record) carries the seq of
+/// the first of them and how many there are. The start-up scan rebuilds the `frames` tree from
+/// this. Records written before frames were units have none: each is a frame of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FramePart {
+    /// Seq of the frame's first frame record.
+    pub first: u64,
+    /// Frame records in the frame (at least 1).
+    pub count: u32,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -227,7 +246,11 @@ pub fn stored(value: &[u8]) -> Result<Stored<'_>, FormatError> {
 }
 
 /// Decodes a record file's bytes, which must match the stub that points to it.
-pub fn decode_file(stub: FileStub, path: &str, bytes: &[u8]) -> Result<SpoolRecord, FormatError> {
+pub fn decode_file(
+    stub: FileStub,
+    path: &str,
+    bytes: &[u8],
+) -> Result<(SpoolRecord, Option<FramePart>), FormatError> {
     let found = FileStub::of(bytes);
     if found != stub {
         return Err(FormatError::FileMismatch {
@@ -238,14 +261,22 @@ pub fn decode_file(stub: FileStub, path: &str, bytes: &[u8]) -> Result<SpoolReco
             file_len: found.len,
         });
     }
-    decode(bytes)
+    decode_part(bytes)
 }
 
-/// Encodes a record into its stored bytes.
+/// Encodes a record into its stored bytes (as a frame of its own, if it is one).
 ///
 /// # Errors
 /// A body over 4 GiB (the length field is 32 bits); the outbox never builds one.
 pub fn encode(rec: &SpoolRecord) -> Result<Vec<u8>, FormatError> {
+    encode_part(rec, None)
+}
+
+/// Encodes a record into its stored bytes, with its place in its frame (frame records only).
+///
+/// # Errors
+/// As [`encode`].
+pub fn encode_part(rec: &SpoolRecord, part: Option<FramePart>) -> Result<Vec<u8>, FormatError> {
     use prost::Message;
     let body = Body {
         class: rec.class.code(),
@@ -261,6 +292,8 @@ pub fn encode(rec: &SpoolRecord) -> Result<Vec<u8>, FormatError> {
             .collect(),
         value: rec.value.clone(),
         created_ms: rec.created_ms,
+        frame_first: part.map_or(0, |p| p.first),
+        frame_count: part.map_or(0, |p| p.count),
     };
     let body_len = body.encoded_len();
     let declared = u32::try_from(body_len).map_err(|_| FormatError::Length {
@@ -281,6 +314,12 @@ pub fn encode(rec: &SpoolRecord) -> Result<Vec<u8>, FormatError> {
 
 /// Decodes stored bytes, checking magic, version, length and checksum first.
 pub fn decode(bytes: &[u8]) -> Result<SpoolRecord, FormatError> {
+    decode_part(bytes).map(|(rec, _)| rec)
+}
+
+/// [`decode`], and the record's place in its frame (`None`: not a frame record, or written
+/// before frames were units).
+pub fn decode_part(bytes: &[u8]) -> Result<(SpoolRecord, Option<FramePart>), FormatError> {
     use prost::Message;
     if bytes.len() < HEADER_LEN {
         return Err(FormatError::Short { len: bytes.len() });
@@ -307,7 +346,11 @@ pub fn decode(bytes: &[u8]) -> Result<SpoolRecord, FormatError> {
     }
     let body = Body::decode(body).map_err(|e| FormatError::Body(e.to_string()))?;
     let class = Class::from_code(body.class).ok_or(FormatError::Class(body.class))?;
-    Ok(SpoolRecord {
+    let part = (class == Class::Frame && body.frame_count > 0).then_some(FramePart {
+        first: body.frame_first,
+        count: body.frame_count,
+    });
+    let rec = SpoolRecord {
         class,
         topic: body.topic,
         key: body.key,
@@ -318,7 +361,8 @@ pub fn decode(bytes: &[u8]) -> Result<SpoolRecord, FormatError> {
             .collect(),
         value: body.value,
         created_ms: body.created_ms,
-    })
+    };
+    Ok((rec, part))
 }
 
 /// The sled key of a seq: big-endian, so sled's byte order is seq order.

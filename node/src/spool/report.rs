@@ -66,6 +66,8 @@ pub struct OpenReport {
     pub quarantined: u64,
     /// Index entries (`index`, `frames`) repaired (a crash between two tree writes).
     pub index_repaired: u64,
+    /// Records removed to undo an append or finish a drop that a crash interrupted.
+    pub interrupted: u64,
     /// Record files without a record, deleted (a crash before a flush or after a removal).
     pub orphan_files: u64,
     /// Where a spool sled refused to open was moved (a fresh one was created instead).
@@ -80,6 +82,13 @@ impl fmt::Display for OpenReport {
         }
         if self.index_repaired > 0 {
             write!(f, ", {} frame index entries repaired", self.index_repaired)?;
+        }
+        if self.interrupted > 0 {
+            write!(
+                f,
+                ", {} records of an interrupted append or drop removed",
+                self.interrupted
+            )?;
         }
         if self.orphan_files > 0 {
             write!(f, ", {} orphaned record files deleted", self.orphan_files)?;
@@ -120,6 +129,9 @@ pub struct VerifyReport {
     /// Frames missing from the `frames` index, or index entries without a frame (the node
     /// repairs them when it opens the spool).
     pub index_mismatches: u64,
+    /// Records (and markers) of an append or a drop a crash interrupted: the node removes them
+    /// when it opens the spool (they were never acknowledged, or were counted as dropped).
+    pub interrupted: u64,
     /// Record files without a record (harmless: the node deletes them when it opens the spool).
     pub orphan_files: u64,
     /// The next seq that will be handed out, according to sled.
@@ -134,7 +146,10 @@ pub struct VerifyReport {
 impl VerifyReport {
     /// No damaged record and a consistent index.
     pub fn is_clean(&self) -> bool {
-        self.corrupt.is_empty() && self.index_mismatches == 0 && !self.sled_lost_records()
+        self.corrupt.is_empty()
+            && self.index_mismatches == 0
+            && self.interrupted == 0
+            && !self.sled_lost_records()
     }
 
     /// sled's records end before seqs that were handed out: it lost flushed records.
@@ -159,6 +174,13 @@ impl fmt::Display for VerifyReport {
             }
         }
         write!(f, "\nindex mismatches: {}", self.index_mismatches)?;
+        if self.interrupted > 0 {
+            write!(
+                f,
+                "\ninterrupted append or drop: {} (undone or finished on start)",
+                self.interrupted
+            )?;
+        }
         write!(f, "\norphaned record files: {}", self.orphan_files)?;
         write!(f, "\nquarantined so far: {}", self.quarantined)?;
         for ((class, reason), n) in &self.dropped {

@@ -4,22 +4,29 @@
 //! Five trees in one sled database (the module doc of [`super`] has the format and the rules):
 //! `records` (seq -> record or file stub), `index` (seq -> class, size, created_ms: counters,
 //! drops and removals never need to read or decode a record, and the oldest age is one small
-//! read), `frames` (seq -> size, frames only: the oldest frame without walking past results),
-//! `meta` and `quarantine`; and record files for large records (module `large`). Writes go to
-//! the trees one after the other (not in a sled transaction, which would copy every value once
-//! more); [`SledSpool::open`] repairs `index` and `frames` from `records` after a crash between
-//! two of them.
+//! read), `frames` (first seq of a whole frame -> its bytes and last seq: the oldest frame
+//! without walking past results), `meta` and `quarantine`; and record files for large records
+//! (module `large`). Writes go to the trees one after the other (not in a sled transaction,
+//! which would copy every value once more); a marker in `meta` spans each append of a unit and
+//! each drop of a frame, and [`SledSpool::open`] undoes an interrupted append, finishes an
+//! interrupted drop, and repairs `index` and `frames` from `records` after a crash between two
+//! writes.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
+use std::ops::Range;
 use std::path::Path;
 use std::time::Instant;
 
 use super::large::{LARGE_BYTES, LargeFiles};
-use super::record::{self, Class, FileStub, FormatError, SpoolRecord, Stored, key_seq, seq_key};
+use super::record::{
+    self, Class, FileStub, FormatError, FramePart, HEADER_LEN, SpoolRecord, Stored, key_seq,
+    seq_key,
+};
 use super::report::{CorruptRecord, OpenReport, SpoolStats, VerifyReport, now_ms};
 use super::store::{
-    self, Entry, NEXT_SEQ, OpenFailure, SEQ_FILE, SEQ_FILE_INTERVAL, Survey, Trees,
+    self, DROP_OPEN, Entry, FrameEntry, NEXT_SEQ, OpenFailure, SEQ_FILE, SEQ_FILE_INTERVAL, Survey,
+    Trees, UNIT_OPEN,
 };
 use super::{Appended, Dropped, Spool, SpoolError, SpoolOptions, WhenFull};
 
@@ -27,6 +34,12 @@ use super::{Appended, Dropped, Spool, SpoolError, SpoolOptions, WhenFull};
 pub const REASON_OLDEST: &str = "spool-full-oldest";
 /// Reason of a new frame dropped because it cannot fit even without older frames.
 pub const REASON_NO_ROOM: &str = "spool-full-no-room";
+
+/// Free space an append must leave on the spool's file system. sled 0.34 must never meet a
+/// full disk (module doc, "A full disk"): it writes its log in 512 KiB segments, rewrites pages,
+/// and needs room to open; 4 MiB kept free covered every fill-and-drain cycle measured on small
+/// tmpfs file systems (`spool::tests::a_full_file_system_*`).
+pub const DISK_RESERVE_BYTES: u64 = 4 << 20;
 
 /// A durable spool in one folder, on sled. See [`super`] for the rules.
 pub struct SledSpool {
@@ -45,6 +58,11 @@ pub struct SledSpool {
     dropped: BTreeMap<(String, String), u64>,
     /// Entries in the `quarantine` tree.
     quarantined: u64,
+    /// Record bytes of the whole frames in `frames`: what drops can free.
+    droppable: u64,
+    /// The seqs of a unit whose append failed and whose rollback failed too: rolled back before
+    /// anything else is done (its [`UNIT_OPEN`] marker stays, so a restart would too).
+    unfinished: Option<Range<u64>>,
     /// The next seq last written to [`SEQ_FILE`], and when.
     seq_file: (u64, Instant),
 }
@@ -120,6 +138,8 @@ impl SledSpool {
             bytes: survey.bytes,
             dropped,
             quarantined: 0,
+            droppable: survey.droppable,
+            unfinished: None,
             seq_file: (floor.unwrap_or(0), Instant::now()),
         };
         let index_repaired = spool.repair(&survey)?;
@@ -152,6 +172,7 @@ impl SledSpool {
             bytes: spool.total_bytes(),
             quarantined: quarantined_now,
             index_repaired,
+            interrupted: survey.interrupted.len() as u64,
             orphan_files: survey.orphan_files.len() as u64,
             moved_aside,
         };
@@ -201,9 +222,27 @@ impl SledSpool {
         self.bytes[i] = self.bytes[i].saturating_sub(e.size);
     }
 
-    /// Brings `index` and `frames` in line with the intact records the survey found.
+    /// Undoes what the survey found of interrupted appends and drops, then brings `index` and
+    /// `frames` in line with the intact records it found.
     fn repair(&mut self, s: &Survey) -> Result<u64, SpoolError> {
         let err = |e| SpoolError::sled("repairing the index", e);
+        for &seq in &s.interrupted {
+            let old = self.t.records.remove(seq_key(seq)).map_err(err)?;
+            if old.is_some_and(|v| matches!(record::stored(&v), Ok(Stored::File(_)))) {
+                self.large.delete_later(seq);
+            }
+        }
+        for key in &s.markers {
+            self.t.meta.remove(key).map_err(err)?;
+        }
+        if !s.interrupted.is_empty() || !s.markers.is_empty() {
+            log::warn!(
+                "spool {}: removed {} record(s) of an append or a drop a crash interrupted \
+                 (never acknowledged, or already counted as dropped)",
+                self.opts.dir.display(),
+                s.interrupted.len()
+            );
+        }
         for seq in &s.index_stale {
             self.t.index.remove(seq_key(*seq)).map_err(err)?;
         }
@@ -216,10 +255,10 @@ impl SledSpool {
         for seq in &s.frames_stale {
             self.t.frames.remove(seq_key(*seq)).map_err(err)?;
         }
-        for (seq, size) in &s.frames_missing {
+        for (seq, frame) in &s.frames_missing {
             self.t
                 .frames
-                .insert(seq_key(*seq), &size.to_be_bytes())
+                .insert(seq_key(*seq), &frame.encode())
                 .map_err(err)?;
         }
         let n = s.index_mismatches();
@@ -233,15 +272,54 @@ impl SledSpool {
     }
 
     /// Removes record `seq` from every tree (its file, if any, after the next flush) and
-    /// returns its index entry.
+    /// returns its index entry. A frame record takes its frame out of `frames`: a frame part of
+    /// which was delivered (or quarantined) is never dropped, it drains.
     fn forget(&mut self, seq: u64, context: &str) -> Result<Option<Entry>, SpoolError> {
+        let err = |e| SpoolError::sled(context, e);
+        let key = seq_key(seq);
+        let entry = self.t.index.get(key).map_err(err)?;
+        if entry
+            .as_deref()
+            .and_then(Entry::decode)
+            .is_none_or(|e| e.class == Class::Frame)
+        {
+            self.undroppable(seq, context)?;
+        }
+        self.forget_record(seq, context)
+    }
+
+    /// Takes the frame holding frame record `seq` (if it is in `frames`) out of `frames`.
+    fn undroppable(&mut self, seq: u64, context: &str) -> Result<(), SpoolError> {
+        let err = |e| SpoolError::sled(context, e);
+        let Some((k, v)) = self
+            .t
+            .frames
+            .range(..=seq_key(seq))
+            .next_back()
+            .transpose()
+            .map_err(err)?
+        else {
+            return Ok(());
+        };
+        let Ok(first) = key_seq(&k) else {
+            return Ok(());
+        };
+        match FrameEntry::decode(first, &v) {
+            Some(f) if f.last < seq => {}
+            found => {
+                self.t.frames.remove(&k).map_err(err)?;
+                self.droppable = self.droppable.saturating_sub(found.map_or(0, |f| f.bytes));
+            }
+        }
+        Ok(())
+    }
+
+    /// [`SledSpool::forget`] without looking at `frames`.
+    fn forget_record(&mut self, seq: u64, context: &str) -> Result<Option<Entry>, SpoolError> {
         let err = |e| SpoolError::sled(context, e);
         let key = seq_key(seq);
         let entry = self.t.index.remove(key).map_err(err)?;
         let entry = entry.as_deref().and_then(Entry::decode);
-        if entry.is_none_or(|e| e.class == Class::Frame) {
-            self.t.frames.remove(key).map_err(err)?;
-        }
         let old = self.t.records.remove(key).map_err(err)?;
         if let Some(v) = &old
             && matches!(record::stored(v), Ok(Stored::File(_)))
@@ -316,120 +394,330 @@ impl SledSpool {
         Ok(())
     }
 
-    /// Drops the oldest frames until `need` bytes are freed or no frame is left.
-    fn drop_oldest_frames(
-        &mut self,
-        need: u64,
-        for_class: Class,
-    ) -> Result<Vec<Dropped>, SpoolError> {
-        let context = "dropping the oldest frames";
+    /// The oldest whole frames whose bytes add up to `need` (or all of them): (first seq,
+    /// entry). Reads only.
+    fn oldest_frames(&self, need: u64) -> Result<Vec<(u64, FrameEntry)>, SpoolError> {
         let mut victims = Vec::new();
         let mut freed = 0u64;
         for item in self.t.frames.iter() {
             if freed >= need {
                 break;
             }
-            let (k, v) = item.map_err(|e| SpoolError::sled(context, e))?;
-            let Ok(seq) = key_seq(&k) else { continue };
-            freed += v.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0);
-            victims.push(seq);
+            let (k, v) = item.map_err(|e| SpoolError::sled("finding the oldest frames", e))?;
+            let Ok(first) = key_seq(&k) else { continue };
+            let Some(frame) = FrameEntry::decode(first, &v) else {
+                continue;
+            };
+            freed += frame.bytes;
+            victims.push((first, frame));
         }
+        Ok(victims)
+    }
+
+    /// Drops whole frames (every frame record in their seq range), each counted once.
+    fn drop_frames(
+        &mut self,
+        victims: &[(u64, FrameEntry)],
+        for_what: &str,
+    ) -> Result<Vec<Dropped>, SpoolError> {
+        let context = "dropping the oldest frames";
+        let err = |e| SpoolError::sled(context, e);
         let mut dropped = Vec::with_capacity(victims.len());
-        for seq in victims {
-            // Counter first: after a crash the drop is either undone or counted.
+        for &(first, frame) in victims {
+            let range = first..frame.last.saturating_add(1);
+            // Counter first: after a crash the drop is either undone or counted. The marker
+            // makes the next open finish a drop a crash interrupted, so no part of it drains.
             self.count_drop(Class::Frame, REASON_OLDEST)?;
-            let entry = self.forget(seq, context)?;
-            dropped.push(Dropped {
-                seq,
+            self.t
+                .meta
+                .insert(DROP_OPEN, &store::encode_range(&range))
+                .map_err(err)?;
+            self.t.frames.remove(seq_key(first)).map_err(err)?;
+            self.droppable = self.droppable.saturating_sub(frame.bytes);
+            let mut members = Vec::new();
+            for item in self.t.index.range(seq_key(range.start)..seq_key(range.end)) {
+                let (k, v) = item.map_err(err)?;
+                if let (Ok(seq), Some(e)) = (key_seq(&k), Entry::decode(&v))
+                    && e.class == Class::Frame
+                {
+                    members.push(seq);
+                }
+            }
+            let mut d = Dropped {
+                seq: first,
                 class: Class::Frame,
-                bytes: entry.map_or(0, |e| e.size),
-                created_ms: entry.map_or(0, |e| e.created_ms),
-            });
+                records: 0,
+                bytes: 0,
+                created_ms: 0,
+            };
+            for seq in members {
+                if let Some(e) = self.forget_record(seq, context)? {
+                    if d.records == 0 {
+                        d.created_ms = e.created_ms;
+                    }
+                    d.records += 1;
+                    d.bytes += e.size;
+                }
+            }
+            self.t.meta.remove(DROP_OPEN).map_err(err)?;
+            dropped.push(d);
         }
         if let (Some(first), Some(last)) = (dropped.first(), dropped.last()) {
             let bytes: u64 = dropped.iter().map(|d| d.bytes).sum();
+            let records: u64 = dropped.iter().map(|d| d.records).sum();
             log::warn!(
-                "spool {} is full ({} of {} bytes): dropped the {} oldest frames ({bytes} bytes, \
-                 seq {}..={}) to make room for a {for_class}",
+                "spool {} is full ({} of {} bytes): dropped the {} oldest frames ({records} \
+                 records, {bytes} bytes, seq {}..{}) to make room for {for_what}",
                 self.opts.dir.display(),
                 self.total_bytes() + bytes,
                 self.opts.max_bytes,
                 dropped.len(),
                 first.seq,
-                last.seq,
+                last.seq + last.records,
             );
         }
         Ok(dropped)
     }
+
+    /// Fails with [`SpoolError::DiskFull`] unless the file system has room for `recs` plus
+    /// [`DISK_RESERVE_BYTES`]. A file system that cannot be asked is not refused.
+    fn check_disk(&self, recs: &[&SpoolRecord]) -> Result<(), SpoolError> {
+        if recs.is_empty() {
+            return Ok(());
+        }
+        let needed: u64 = recs.iter().map(|r| disk_estimate(r)).sum();
+        match fs2::available_space(&self.opts.dir) {
+            Ok(available) if available < needed.saturating_add(DISK_RESERVE_BYTES) => {
+                Err(SpoolError::DiskFull {
+                    dir: self.opts.dir.clone(),
+                    needed,
+                    available,
+                    reserve: DISK_RESERVE_BYTES,
+                })
+            }
+            Ok(_) => Ok(()),
+            Err(e) => {
+                log::debug!(
+                    "spool {}: cannot read the free space: {e}",
+                    self.opts.dir.display()
+                );
+                Ok(())
+            }
+        }
+    }
+
+    /// Writes `recs` under the next seqs, all or nothing: on an error what was written is
+    /// rolled back (see [`SledSpool::rollback`]) and the error returned.
+    fn store_unit(&mut self, recs: &[&SpoolRecord]) -> Result<Range<u64>, SpoolError> {
+        let first = self.next_seq;
+        let seqs = first..first + recs.len() as u64;
+        if recs.is_empty() {
+            return Ok(seqs);
+        }
+        // The seqs are used up before anything is written under them: never reused, even after
+        // an error half-way.
+        self.next_seq = seqs.end;
+        let frame_seqs: Vec<u64> = recs
+            .iter()
+            .zip(seqs.clone())
+            .filter(|(r, _)| r.class == Class::Frame)
+            .map(|(_, seq)| seq)
+            .collect();
+        let part = frame_seqs.first().map(|&f| FramePart {
+            first: f,
+            count: frame_seqs.len() as u32,
+        });
+        match self.write_unit(recs, &seqs, part, &frame_seqs) {
+            Ok(()) => {
+                for r in recs {
+                    self.count_in(Entry::of(r));
+                }
+                self.droppable += recs
+                    .iter()
+                    .filter(|r| r.class == Class::Frame)
+                    .map(|r| r.size() as u64)
+                    .sum::<u64>();
+                Ok(seqs)
+            }
+            Err(e) => {
+                if let Err(again) = self.rollback(seqs.clone()) {
+                    log::error!(
+                        "spool {}: undoing a failed append (seqs {}..{}) failed too: {again}; \
+                         retried before the next operation, and on the next start",
+                        self.opts.dir.display(),
+                        seqs.start,
+                        seqs.end
+                    );
+                    self.unfinished = Some(seqs);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The writes of [`SledSpool::store_unit`], between the [`UNIT_OPEN`] marker and its removal.
+    fn write_unit(
+        &mut self,
+        recs: &[&SpoolRecord],
+        seqs: &Range<u64>,
+        part: Option<FramePart>,
+        frame_seqs: &[u64],
+    ) -> Result<(), SpoolError> {
+        let err = |e| SpoolError::sled("appending records", e);
+        self.t
+            .meta
+            .insert(NEXT_SEQ, &seqs.end.to_be_bytes())
+            .map_err(err)?;
+        self.t
+            .meta
+            .insert(UNIT_OPEN, &store::encode_range(seqs))
+            .map_err(err)?;
+        let mut frame_bytes = 0;
+        for (rec, seq) in recs.iter().zip(seqs.clone()) {
+            let entry = Entry::of(rec);
+            let encoded = record::encode_part(rec, part.filter(|_| rec.class == Class::Frame))
+                .map_err(|e| SpoolError::TooLarge {
+                    bytes: entry.size,
+                    detail: e.to_string(),
+                })?;
+            let key = seq_key(seq);
+            if encoded.len() > LARGE_BYTES {
+                self.large.write(seq, &encoded).map_err(|e| {
+                    SpoolError::io(format!("writing {}", self.large.path(seq).display()), e)
+                })?;
+                let stub = FileStub::of(&encoded).encode();
+                self.t.records.insert(key, &stub).map_err(err)?;
+            } else {
+                self.t.records.insert(key, encoded).map_err(err)?;
+            }
+            self.t.index.insert(key, &entry.encode()).map_err(err)?;
+            if rec.class == Class::Frame {
+                frame_bytes += entry.size;
+            }
+        }
+        if let (Some(&first), Some(&last)) = (frame_seqs.first(), frame_seqs.last()) {
+            let frame = FrameEntry {
+                bytes: frame_bytes,
+                last,
+            };
+            self.t
+                .frames
+                .insert(seq_key(first), &frame.encode())
+                .map_err(err)?;
+        }
+        self.t.meta.remove(UNIT_OPEN).map_err(err)?;
+        Ok(())
+    }
+
+    /// Removes whatever a failed append wrote under `seqs` (records, index, its frame, record
+    /// files after the next flush) and its marker. Counters never included it.
+    fn rollback(&mut self, seqs: Range<u64>) -> Result<(), SpoolError> {
+        let err = |e| SpoolError::sled("undoing a failed append", e);
+        for seq in seqs.clone() {
+            let key = seq_key(seq);
+            self.t.frames.remove(key).map_err(err)?;
+            self.t.index.remove(key).map_err(err)?;
+            let old = self.t.records.remove(key).map_err(err)?;
+            if old.is_some_and(|v| matches!(record::stored(&v), Ok(Stored::File(_))))
+                || self.large.path(seq).exists()
+            {
+                self.large.delete_later(seq);
+            }
+        }
+        self.t.meta.remove(UNIT_OPEN).map_err(err)?;
+        Ok(())
+    }
+
+    /// Finishes a rollback that failed earlier, before anything else touches the trees.
+    fn finish_rollback(&mut self) -> Result<(), SpoolError> {
+        if let Some(seqs) = self.unfinished.clone() {
+            self.rollback(seqs)?;
+            self.unfinished = None;
+        }
+        Ok(())
+    }
+}
+
+/// About what a record takes on disk: its file, or its share of sled's log (measured at about
+/// twice the record bytes for small records; three times, to be safe).
+fn disk_estimate(rec: &SpoolRecord) -> u64 {
+    let encoded = (rec.size() + HEADER_LEN + 32 + 8 * rec.headers.len()) as u64;
+    if encoded > LARGE_BYTES as u64 {
+        encoded.div_ceil(4096) * 4096 + 4096
+    } else {
+        3 * encoded
+    }
 }
 
 impl Spool for SledSpool {
-    fn append(&mut self, rec: &SpoolRecord) -> Result<Appended, SpoolError> {
-        let entry = Entry::of(rec);
-        let encoded = record::encode(rec).map_err(|e| SpoolError::TooLarge {
-            bytes: entry.size,
-            detail: e.to_string(),
-        })?;
+    fn append_frame(&mut self, records: &[SpoolRecord]) -> Result<Appended, SpoolError> {
+        self.finish_rollback()?;
+        let bytes_of = |frames: bool| -> u64 {
+            records
+                .iter()
+                .filter(|r| (r.class == Class::Frame) == frames)
+                .map(|r| r.size() as u64)
+                .sum()
+        };
+        let (frame_bytes, other_bytes) = (bytes_of(true), bytes_of(false));
+        let frame_records = records.iter().filter(|r| r.class == Class::Frame).count() as u64;
         let max = self.opts.max_bytes;
         let total = self.total_bytes();
-        let mut dropped = Vec::new();
-        if total.saturating_add(entry.size) > max {
-            let need = total.saturating_add(entry.size) - max;
-            match (rec.class, self.opts.when_full) {
-                (Class::Frame, WhenFull::Backpressure) => return Ok(Appended::Refused),
-                (Class::Frame, WhenFull::DropOldestFrames) => {
-                    let frames = self.bytes[Class::Frame.index()];
-                    if need > frames {
-                        // Even every older frame gone would not make room: keep them.
-                        self.count_drop(Class::Frame, REASON_NO_ROOM)?;
-                        log::warn!(
-                            "spool {}: a frame of {} bytes does not fit ({total} of {max} bytes \
-                             used, {frames} by frames); dropped it",
-                            self.opts.dir.display(),
-                            entry.size
-                        );
-                        return Ok(Appended::Refused);
-                    }
-                    dropped = self.drop_oldest_frames(need, rec.class)?;
+        let over = |bytes: u64| total.saturating_add(bytes).saturating_sub(max);
+        // What to store, and how many bytes of the oldest frames to drop first.
+        let (keep_frames, need) = match self.opts.when_full {
+            _ if over(frame_bytes + other_bytes) == 0 => (true, 0),
+            WhenFull::Backpressure if frame_records > 0 => return Ok(Appended::Refused),
+            WhenFull::Backpressure => (true, 0),
+            WhenFull::DropOldestFrames if frame_records == 0 => (true, over(other_bytes)),
+            WhenFull::DropOldestFrames => {
+                let need = over(frame_bytes + other_bytes);
+                if need <= self.droppable {
+                    (true, need)
+                } else {
+                    // Even every older frame gone would not make room: keep them, drop this one.
+                    (false, over(other_bytes))
                 }
-                (_, WhenFull::DropOldestFrames) => {
-                    dropped = self.drop_oldest_frames(need, rec.class)?;
-                }
-                (_, WhenFull::Backpressure) => {}
             }
-        }
-
-        let err = |e| SpoolError::sled("appending a record", e);
-        let seq = self.next_seq;
-        let key = seq_key(seq);
-        // The seq is used up before anything is written under it: never reused, even after an
-        // error half-way.
-        self.next_seq = seq + 1;
-        self.t
-            .meta
-            .insert(NEXT_SEQ, &self.next_seq.to_be_bytes())
-            .map_err(err)?;
-        if encoded.len() > LARGE_BYTES {
-            self.large.write(seq, &encoded).map_err(|e| {
-                SpoolError::io(format!("writing {}", self.large.path(seq).display()), e)
-            })?;
-            let stub = FileStub::of(&encoded).encode();
-            self.t.records.insert(key, &stub).map_err(err)?;
+        };
+        let store: Vec<&SpoolRecord> = records
+            .iter()
+            .filter(|r| keep_frames || r.class != Class::Frame)
+            .collect();
+        self.check_disk(&store)?;
+        let victims = if need > 0 {
+            self.oldest_frames(need)?
         } else {
-            self.t.records.insert(key, encoded).map_err(err)?;
+            Vec::new()
+        };
+        let for_what = if keep_frames && frame_records > 0 {
+            format!("a frame of {frame_records} record(s), {frame_bytes} bytes")
+        } else {
+            "a result or dead letter".to_string()
+        };
+        let dropped = self.drop_frames(&victims, &for_what)?;
+        let seqs = self.store_unit(&store)?;
+        if keep_frames {
+            return Ok(Appended::Stored { seqs, dropped });
         }
-        self.t.index.insert(key, &entry.encode()).map_err(err)?;
-        if rec.class == Class::Frame {
-            self.t
-                .frames
-                .insert(key, &entry.size.to_be_bytes())
-                .map_err(err)?;
-        }
-        self.count_in(entry);
-        Ok(Appended::Stored { seq, dropped })
+        // Counted only once the rest is stored: a retry after an error counts it once.
+        self.count_drop(Class::Frame, REASON_NO_ROOM)?;
+        log::warn!(
+            "spool {}: a frame of {frame_records} record(s), {frame_bytes} bytes, does not fit \
+             ({total} of {max} bytes used, {} by frames that may be dropped); dropped it",
+            self.opts.dir.display(),
+            self.droppable
+        );
+        Ok(Appended::FrameDropped {
+            seqs,
+            records: frame_records,
+            bytes: frame_bytes,
+            dropped,
+        })
     }
 
     fn flush(&mut self) -> Result<(), SpoolError> {
+        self.finish_rollback()?;
         // Record files first: a durable stub must never point at a file that is not.
         self.large.sync().map_err(|e| {
             SpoolError::io(
@@ -455,6 +743,8 @@ impl Spool for SledSpool {
         after: Option<u64>,
         max: usize,
     ) -> Result<Vec<(u64, SpoolRecord)>, SpoolError> {
+        // Never hand out part of a unit whose append failed.
+        self.finish_rollback()?;
         let start = match after {
             None => 0,
             Some(a) => match a.checked_add(1) {
@@ -578,6 +868,7 @@ pub fn verify(dir: &Path) -> Result<VerifyReport, SpoolError> {
             .collect(),
         quarantined: t.quarantine.len() as u64,
         index_mismatches: survey.index_mismatches(),
+        interrupted: survey.interrupted_count(),
         orphan_files: survey.orphan_files.len() as u64,
         next_seq,
         seq_floor: store::read_seq_file(&dir),

@@ -12,7 +12,7 @@ use sled::IVec;
 
 use super::SpoolError;
 use super::large;
-use super::record::{self, Class, FormatError, SpoolRecord, Stored, key_seq};
+use super::record::{self, Class, FormatError, FramePart, SpoolRecord, Stored, key_seq};
 
 /// sled's page cache. Its default (1 GiB) is far too much for an edge box; values are mostly
 /// written once and read once, so a small cache costs little.
@@ -34,6 +34,63 @@ pub const SEQ_FILE_INTERVAL: Duration = Duration::from_secs(10);
 pub const NEXT_SEQ: &[u8] = b"next_seq";
 /// `meta` key prefix of the drop counters: `drop/<class>/<reason>` (u64 BE).
 pub const DROP_PREFIX: &str = "drop/";
+/// `meta` key present while a unit is being appended: its seqs, [`SeqRange`]. Found on open,
+/// the append was interrupted (never flushed, never acknowledged): its records are removed.
+pub const UNIT_OPEN: &[u8] = b"unit_open";
+/// `meta` key present while a frame is being dropped: its seqs, [`SeqRange`]. Found on open,
+/// the drop (already counted) is finished: the frame records left in the range are removed.
+pub const DROP_OPEN: &[u8] = b"drop_open";
+
+/// Seqs `start..end` as stored under [`UNIT_OPEN`] and [`DROP_OPEN`]: two u64 BE.
+pub fn encode_range(r: &std::ops::Range<u64>) -> [u8; 16] {
+    let mut out = [0; 16];
+    out[..8].copy_from_slice(&r.start.to_be_bytes());
+    out[8..].copy_from_slice(&r.end.to_be_bytes());
+    out
+}
+
+pub fn decode_range(v: &[u8]) -> Option<std::ops::Range<u64>> {
+    let start = u64::from_be_bytes(v.get(..8)?.try_into().ok()?);
+    let end = u64::from_be_bytes(v.get(8..16)?.try_into().ok()?);
+    (v.len() == 16 && start <= end).then_some(start..end)
+}
+
+/// A `frames` entry: one whole frame that may be dropped, keyed by the seq of its first frame
+/// record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameEntry {
+    /// Record bytes of its frame records.
+    pub bytes: u64,
+    /// Seq of its last frame record.
+    pub last: u64,
+}
+
+impl FrameEntry {
+    /// bytes, last seq: 16 bytes.
+    pub fn encode(self) -> [u8; 16] {
+        let mut out = [0; 16];
+        out[..8].copy_from_slice(&self.bytes.to_be_bytes());
+        out[8..].copy_from_slice(&self.last.to_be_bytes());
+        out
+    }
+
+    /// A 16-byte entry, or the 8-byte one (size only) of a spool written before frames were
+    /// units: a frame of one record, `first` itself.
+    pub fn decode(first: u64, v: &[u8]) -> Option<FrameEntry> {
+        let word = |at: usize| v.get(at..at + 8)?.try_into().ok().map(u64::from_be_bytes);
+        match v.len() {
+            8 => Some(FrameEntry {
+                bytes: word(0)?,
+                last: first,
+            }),
+            16 => Some(FrameEntry {
+                bytes: word(0)?,
+                last: word(8)?,
+            }),
+            _ => None,
+        }
+    }
+}
 
 /// The sled database of one spool folder and its trees.
 pub struct Trees {
@@ -42,7 +99,7 @@ pub struct Trees {
     pub records: sled::Tree,
     /// seq -> [`Entry`].
     pub index: sled::Tree,
-    /// seq -> size (u64 BE), frames only.
+    /// seq of a frame's first frame record -> [`FrameEntry`]: the frames that may be dropped.
     pub frames: sled::Tree,
     /// next seq, drop counters.
     pub meta: sled::Tree,
@@ -105,8 +162,17 @@ impl Entry {
 
 /// Reads a `records` value: inline, or from its file in `dir`'s `large` folder.
 pub fn load(dir: &Path, seq: u64, value: &[u8]) -> Result<SpoolRecord, FormatError> {
+    load_part(dir, seq, value).map(|(rec, _)| rec)
+}
+
+/// [`load`], with the record's place in its frame.
+pub fn load_part(
+    dir: &Path,
+    seq: u64,
+    value: &[u8],
+) -> Result<(SpoolRecord, Option<FramePart>), FormatError> {
     match record::stored(value)? {
-        Stored::Inline(bytes) => record::decode(bytes),
+        Stored::Inline(bytes) => record::decode_part(bytes),
         Stored::File(stub) => {
             let (path, bytes) = large::read(dir, seq);
             let shown = path.display().to_string();
@@ -139,10 +205,17 @@ pub struct Survey {
     pub index_stale: Vec<u64>,
     /// Intact records whose `index` entry is missing or wrong.
     pub index_missing: Vec<(u64, Entry)>,
-    /// `frames` entries without an intact frame.
+    /// `frames` entries without a whole intact frame.
     pub frames_stale: Vec<u64>,
-    /// Intact frames missing from `frames` (or with the wrong size).
-    pub frames_missing: Vec<(u64, u64)>,
+    /// Whole intact frames missing from `frames` (or with the wrong entry).
+    pub frames_missing: Vec<(u64, FrameEntry)>,
+    /// Record bytes of the frames `frames` should hold: what drops can free.
+    pub droppable: u64,
+    /// Records of an append or a drop a crash interrupted ([`UNIT_OPEN`], [`DROP_OPEN`]): to be
+    /// removed, not counted.
+    pub interrupted: Vec<u64>,
+    /// The markers found in `meta` (to be cleared once `interrupted` is removed).
+    pub markers: Vec<&'static [u8]>,
     /// Record files no stub points to (a crash before their stub, or after their removal).
     pub orphan_files: Vec<PathBuf>,
     /// Highest seq seen in `records`, `index` or `quarantine`.
@@ -157,6 +230,11 @@ impl Survey {
             + self.frames_missing.len()) as u64
     }
 
+    /// Records of interrupted appends and drops, plus the markers naming them.
+    pub fn interrupted_count(&self) -> u64 {
+        (self.interrupted.len() + self.markers.len()) as u64
+    }
+
     fn see_seq(&mut self, seq: u64) {
         self.max_seq = Some(self.max_seq.map_or(seq, |m| m.max(seq)));
     }
@@ -167,8 +245,21 @@ impl Survey {
 fn survey(t: &Trees, dir: &Path) -> Result<Survey, OpenFailure> {
     let sled_err = |e| OpenFailure::from_sled(e, "reading records");
     let mut s = Survey::default();
-    // Intact frames (seq -> size): few (each is large), compared with `frames` at the end.
-    let mut frames = BTreeMap::new();
+    let marker = |key: &'static [u8]| -> Result<Option<std::ops::Range<u64>>, OpenFailure> {
+        Ok(t.meta.get(key).map_err(sled_err)?.map(|v| {
+            decode_range(&v).unwrap_or(0..0) // malformed: cleared, nothing removed
+        }))
+    };
+    let unit_open = marker(UNIT_OPEN)?;
+    let drop_open = marker(DROP_OPEN)?;
+    s.markers = [(UNIT_OPEN, &unit_open), (DROP_OPEN, &drop_open)]
+        .into_iter()
+        .filter(|(_, m)| m.is_some())
+        .map(|(k, _)| k)
+        .collect();
+    // Intact frame records by frame (first seq -> records expected, records found, bytes,
+    // last seq): few (each is large), compared with `frames` at the end.
+    let mut frames: BTreeMap<u64, (u32, u32, u64, u64)> = BTreeMap::new();
     // Seqs whose value is a file stub (intact or not): their files are not orphans.
     let mut stubs = HashSet::new();
     let mut index = t.index.iter();
@@ -190,8 +281,12 @@ fn survey(t: &Trees, dir: &Path) -> Result<Survey, OpenFailure> {
         if matches!(record::stored(&v), Ok(Stored::File(_))) {
             stubs.insert(seq);
         }
-        let rec = match load(dir, seq, &v) {
-            Ok(rec) => rec,
+        if unit_open.as_ref().is_some_and(|r| r.contains(&seq)) {
+            s.interrupted.push(seq);
+            continue;
+        }
+        let (rec, part) = match load_part(dir, seq, &v) {
+            Ok(loaded) => loaded,
             Err(reason) => {
                 s.corrupt.push(Corrupt {
                     key: k,
@@ -202,10 +297,21 @@ fn survey(t: &Trees, dir: &Path) -> Result<Survey, OpenFailure> {
             }
         };
         let want = Entry::of(&rec);
+        if want.class == Class::Frame && drop_open.as_ref().is_some_and(|r| r.contains(&seq)) {
+            s.interrupted.push(seq);
+            continue;
+        }
         s.records[want.class.index()] += 1;
         s.bytes[want.class.index()] += want.size;
         if want.class == Class::Frame {
-            frames.insert(seq, want.size);
+            let part = part.unwrap_or(FramePart {
+                first: seq,
+                count: 1,
+            });
+            let f = frames.entry(part.first).or_insert((part.count, 0, 0, seq));
+            f.1 += 1;
+            f.2 += want.size;
+            f.3 = f.3.max(seq);
         }
         while let Some((iseq, _)) = next_index
             && iseq < seq
@@ -228,14 +334,21 @@ fn survey(t: &Trees, dir: &Path) -> Result<Survey, OpenFailure> {
         s.see_seq(iseq);
         next_index = next_entry(&mut index).map_err(sled_err)?;
     }
+    // Only whole frames may be dropped: one whose first records were delivered (removed) drains.
+    let mut frames: BTreeMap<u64, FrameEntry> = frames
+        .into_iter()
+        .filter(|(_, (want, found, _, _))| found == want)
+        .map(|(first, (_, _, bytes, last))| (first, FrameEntry { bytes, last }))
+        .collect();
+    s.droppable = frames.values().map(|f| f.bytes).sum();
     for item in t.frames.iter() {
         let (k, v) = item.map_err(sled_err)?;
         let Ok(seq) = key_seq(&k) else {
             continue; // not a seq: never written by us, ignored
         };
-        let size = v.as_ref().try_into().map(u64::from_be_bytes).ok();
+        let found = FrameEntry::decode(seq, &v);
         match frames.remove(&seq) {
-            Some(want) if size == Some(want) => {}
+            Some(want) if found == Some(want) => {}
             Some(want) => s.frames_missing.push((seq, want)),
             None => s.frames_stale.push(seq),
         }

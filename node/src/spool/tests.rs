@@ -1,7 +1,7 @@
 //! Spool tests: the record format, the engine on real sled databases in temporary folders, a
 //! crash in a child process, and a model-based test of random operation sequences.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::Path;
 
 use super::record::{self, FormatError, HEADER_LEN};
@@ -40,8 +40,8 @@ fn open(o: &SpoolOptions) -> (SledSpool, OpenReport) {
 
 fn stored(a: Appended) -> (u64, Vec<Dropped>) {
     match a {
-        Appended::Stored { seq, dropped } => (seq, dropped),
-        Appended::Refused => panic!("expected Stored, got Refused"),
+        Appended::Stored { seqs, dropped } => (seqs.start, dropped),
+        other => panic!("expected Stored, got {other:?}"),
     }
 }
 
@@ -306,9 +306,15 @@ fn drop_oldest_frames_refuses_a_frame_that_cannot_fit_and_keeps_older_ones() {
     // No frame left to drop, no room: the new frame is refused and counted.
     let (_, dropped) = stored(s.append(&rec(Class::DeadLetter, 3, 10)).expect("append"));
     assert!(dropped.is_empty());
+    let frame = rec(Class::Frame, 4, 500);
     assert_eq!(
-        s.append(&rec(Class::Frame, 4, 500)).expect("append"),
-        Appended::Refused
+        s.append(&frame).expect("append"),
+        Appended::FrameDropped {
+            seqs: 4..4,
+            records: 1,
+            bytes: frame.size() as u64,
+            dropped: Vec::new()
+        }
     );
     let st = s.stats();
     assert_eq!(
@@ -605,6 +611,517 @@ fn stats_print_one_fact_per_line() {
     assert!(text.ends_with("quarantined: 0"), "{text}");
 }
 
+// ---- frames as units: all or nothing ----
+
+fn bytes_of(recs: &[SpoolRecord]) -> u64 {
+    recs.iter().map(|r| r.size() as u64).sum()
+}
+
+fn seqs_of(got: &[(u64, SpoolRecord)]) -> Vec<u64> {
+    got.iter().map(|(q, _)| *q).collect()
+}
+
+/// Appends a unit that must be stored whole: (its first seq, the frames dropped for it).
+fn put(s: &mut SledSpool, u: &[SpoolRecord]) -> (u64, Vec<Dropped>) {
+    stored(s.append_frame(u).expect("append"))
+}
+
+/// (first seq, records) of each dropped frame.
+fn whole(dropped: &[Dropped]) -> Vec<(u64, u64)> {
+    dropped.iter().map(|d| (d.seq, d.records)).collect()
+}
+
+#[test]
+fn backpressure_refuses_a_chunked_frame_larger_than_the_free_room_as_a_whole() {
+    let d = tmp();
+    let first = unit(1, 3, 8000, true, false);
+    // Room for the first frame and 10 000 bytes more: the next frame's first chunk would fit.
+    let o = opts(d.path(), bytes_of(&first) + 10_000, WhenFull::Backpressure);
+    let (mut s, _) = open(&o);
+    let Appended::Stored { seqs, dropped } = s.append_frame(&first).expect("append") else {
+        panic!("the first frame fits")
+    };
+    assert_eq!(
+        (seqs.clone(), dropped),
+        (0..4, Vec::new()),
+        "consecutive seqs"
+    );
+    let before = s.stats();
+    let content = all(&mut s);
+
+    let big = unit(2, 4, 8000, true, true);
+    assert_eq!(s.append_frame(&big).expect("append"), Appended::Refused);
+    assert_eq!(
+        s.stats(),
+        before,
+        "nothing of it stored, nothing dropped or counted"
+    );
+    assert_eq!(all(&mut s), content);
+
+    // A result or dead letter alone is stored even above the bound, as before.
+    let results = unit(3, 0, 0, true, true);
+    let Appended::Stored { seqs, .. } = s.append_frame(&results).expect("append") else {
+        panic!("results are always stored")
+    };
+    assert_eq!(seqs.end - seqs.start, 2);
+    // Drained: the whole frame goes in.
+    let drained: Vec<u64> = seqs_of(&all(&mut s));
+    s.remove(&drained).expect("remove");
+    let Appended::Stored { seqs, dropped } = s.append_frame(&big).expect("append") else {
+        panic!("fits once drained")
+    };
+    assert_eq!(seqs.end - seqs.start, 6);
+    assert!(dropped.is_empty());
+    let got: Vec<SpoolRecord> = all(&mut s).into_iter().map(|(_, r)| r).collect();
+    assert_eq!(got, big, "every record, in order");
+    assert!(s.stats().dropped.is_empty(), "backpressure never drops");
+}
+
+#[test]
+fn drop_oldest_frames_drops_whole_chunked_frames_and_counts_each_once() {
+    let d = tmp();
+    let frames: Vec<Vec<SpoolRecord>> = (0..4).map(|i| unit(i, 4, 5000, true, false)).collect();
+    let o = opts(
+        d.path(),
+        bytes_of(&frames[0]) * 4,
+        WhenFull::DropOldestFrames,
+    );
+    let (mut s, _) = open(&o);
+    let mut firsts = Vec::new();
+    for f in &frames {
+        firsts.push(stored(s.append_frame(f).expect("append")).0);
+    }
+    // 1.5 frames more than the free room: the two oldest frames go, whole.
+    let next = unit(9, 6, 5000, true, false);
+    let (_, dropped) = put(&mut s, &next);
+    let chunk = frames[0][0].size() as u64;
+    assert_eq!(
+        dropped
+            .iter()
+            .map(|d| (d.seq, d.records, d.bytes))
+            .collect::<Vec<_>>(),
+        [(firsts[0], 4, 4 * chunk), (firsts[1], 4, 4 * chunk)]
+    );
+    let got = all(&mut s);
+    assert_whole_frames(&got, &HashSet::new(), "after the drop");
+    let ids = |class: Class| -> Vec<String> {
+        let mut v: Vec<String> = got
+            .iter()
+            .filter(|(_, r)| r.class == class)
+            .filter_map(|(_, r)| header(r, "fovea-record-id").map(str::to_string))
+            .collect();
+        v.dedup();
+        v
+    };
+    assert_eq!(
+        ids(Class::Frame),
+        ["node/cam/u2", "node/cam/u3", "node/cam/u9"]
+    );
+    assert_eq!(ids(Class::Result).len(), 5, "every result kept");
+    let key = ("frame".to_string(), REASON_OLDEST.to_string());
+    assert_eq!(s.stats().dropped.get(&key), Some(&2), "one per frame");
+
+    // A frame larger than the whole spool: its chunks go, counted once, its result is stored.
+    let huge = unit(10, 30, 5000, true, false);
+    match s.append_frame(&huge).expect("append") {
+        Appended::FrameDropped {
+            seqs,
+            records,
+            bytes,
+            dropped,
+        } => {
+            assert_eq!((seqs.end - seqs.start, records), (1, 30));
+            assert_eq!(bytes, bytes_of(&huge[..30]));
+            assert!(dropped.is_empty(), "nothing older dropped for it");
+        }
+        other => panic!("expected FrameDropped, got {other:?}"),
+    }
+    let st = s.stats();
+    assert_eq!(
+        st.dropped
+            .get(&("frame".to_string(), REASON_NO_ROOM.to_string())),
+        Some(&1)
+    );
+    assert_eq!(
+        st.records[&Class::Frame],
+        14,
+        "u2, u3: 4 chunks each; u9: 6"
+    );
+    assert_eq!(st.records[&Class::Result], 6);
+}
+
+#[test]
+fn a_frame_being_delivered_is_never_dropped() {
+    let d = tmp();
+    let a = unit(1, 3, 5000, true, false);
+    let b = unit(2, 3, 5000, true, false);
+    let o = opts(d.path(), bytes_of(&a) * 2 + 100, WhenFull::DropOldestFrames);
+    let (mut s, _) = open(&o);
+    let fa = put(&mut s, &a).0;
+    let fb = put(&mut s, &b).0;
+    // Frame a's first chunk reached Kafka: dropping the rest would leave a partial frame there.
+    s.remove(&[fa]).expect("remove");
+    let (_, dropped) = put(&mut s, &unit(3, 3, 5000, true, false));
+    assert_eq!(dropped.iter().map(|d| d.seq).collect::<Vec<_>>(), [fb]);
+    assert!(seqs_of(&all(&mut s)).contains(&(fa + 1)), "a drains");
+}
+
+/// Puts a file where `large/` was, so that writing a record file fails; returns a guard that
+/// puts the folder back.
+fn break_large_folder(spool_dir: &Path) -> impl Drop {
+    struct Restore(std::path::PathBuf);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+            std::fs::create_dir(&self.0).expect("restore large/");
+        }
+    }
+    let large = spool_dir.join("large");
+    std::fs::remove_dir(&large).expect("large/ is empty");
+    std::fs::write(&large, b"not a folder").expect("file in its place");
+    Restore(large)
+}
+
+#[test]
+fn a_write_failing_half_way_rolls_the_whole_unit_back() {
+    let d = tmp();
+    let o = opts(d.path(), 100 * MB, WhenFull::DropOldestFrames);
+    let (mut s, _) = open(&o);
+    put(&mut s, &unit(1, 2, 3000, true, false));
+    s.flush().expect("flush");
+    let before = s.stats();
+    let content = all(&mut s);
+    // Chunk 0 goes to sled, chunk 1 (over 64 KiB) needs a record file: that write fails.
+    let mut broken = unit(2, 3, 3000, true, false);
+    broken[1] = {
+        let mut big = rec(Class::Frame, 201, 100_000);
+        big.headers = broken[1].headers.clone();
+        big
+    };
+    {
+        let _restore = break_large_folder(&o.dir);
+        let err = s
+            .append_frame(&broken)
+            .expect_err("the record file cannot be written");
+        assert!(matches!(err, SpoolError::Io { .. }), "{err}");
+        assert!(!err.is_disk_full());
+        assert_eq!(s.stats(), before, "counters unchanged");
+        assert_eq!(all(&mut s), content, "nothing of the unit stays");
+        s.flush().expect("flush");
+    }
+    // The retry stores it whole; the spool is consistent on disk too.
+    let (seq, _) = put(&mut s, &broken);
+    assert!(
+        seq > content.last().map_or(0, |(q, _)| *q) + 4,
+        "seqs are not reused"
+    );
+    s.flush().expect("flush");
+    let want = all(&mut s);
+    drop(s);
+    let v = verify(&o.dir).expect("verify");
+    assert!(v.is_clean() && v.orphan_files == 0, "{v}");
+    let (mut s, report) = open(&o);
+    assert_eq!((report.index_repaired, report.interrupted), (0, 0));
+    assert_eq!(all(&mut s), want);
+    assert_whole_frames(&want, &HashSet::new(), "after reopen");
+}
+
+#[test]
+fn an_append_or_a_drop_cut_short_by_a_crash_is_undone_or_finished_on_open() {
+    let d = tmp();
+    let o = opts(d.path(), 100 * MB, WhenFull::DropOldestFrames);
+    let (mut s, _) = open(&o);
+    let kept = put(&mut s, &unit(1, 3, 2000, true, false)).0;
+    let dropping = put(&mut s, &unit(2, 3, 2000, true, false)).0;
+    let cut = put(&mut s, &unit(3, 3, 90_000, true, false)).0;
+    s.flush().expect("flush");
+    drop(s);
+    {
+        // As if the process died half-way through appending unit 3 (its marker still set, its
+        // result never written) and half-way through dropping frame 2 (counter stored, marker
+        // set, its `frames` entry and first chunk gone).
+        let db = sled::open(&o.dir).expect("sled");
+        let meta = db.open_tree("meta").expect("tree");
+        let records = db.open_tree("records").expect("tree");
+        let index = db.open_tree("index").expect("tree");
+        let frames = db.open_tree("frames").expect("tree");
+        let range = |a: u64, b: u64| [a.to_be_bytes(), b.to_be_bytes()].concat();
+        meta.insert("unit_open", range(cut, cut + 4))
+            .expect("insert");
+        records.remove((cut + 3).to_be_bytes()).expect("remove");
+        index.remove((cut + 3).to_be_bytes()).expect("remove");
+        meta.insert("drop_open", range(dropping, dropping + 3))
+            .expect("insert");
+        meta.insert("drop/frame/spool-full-oldest", &1u64.to_be_bytes()[..])
+            .expect("insert");
+        frames.remove(dropping.to_be_bytes()).expect("remove");
+        records.remove(dropping.to_be_bytes()).expect("remove");
+        index.remove(dropping.to_be_bytes()).expect("remove");
+        db.flush().expect("flush");
+    }
+    let v = verify(&o.dir).expect("verify");
+    assert!(!v.is_clean(), "{v}");
+    assert_eq!(v.interrupted, 3 + 2 + 2, "{v}");
+    assert!(
+        v.to_string().contains("interrupted append or drop: 7"),
+        "{v}"
+    );
+
+    let (mut s, report) = open(&o);
+    assert_eq!(
+        report.interrupted, 5,
+        "3 chunks of unit 3, 2 left of frame 2"
+    );
+    assert!(
+        report.to_string().contains("5 records of an interrupted"),
+        "{report}"
+    );
+    let got = all(&mut s);
+    assert_eq!(
+        seqs_of(&got),
+        [kept, kept + 1, kept + 2, kept + 3, dropping + 3],
+        "frame 1 whole, frame 2's result"
+    );
+    assert_eq!(
+        large_files(&o.dir),
+        Vec::<String>::new(),
+        "unit 3's files deleted"
+    );
+    let st = s.stats();
+    assert_eq!(
+        (st.records[&Class::Frame], st.records[&Class::Result]),
+        (3, 2)
+    );
+    // Frame 1 is still a whole frame that may be dropped.
+    let o2 = SpoolOptions {
+        max_bytes: st.total_bytes + 10,
+        ..o.clone()
+    };
+    drop(s);
+    let (mut s, _) = open(&o2);
+    let (_, dropped) = put(&mut s, &unit(4, 1, 500, false, false));
+    assert_eq!(whole(&dropped), [(kept, 3)]);
+    drop(s);
+    assert!(verify(&o.dir).expect("verify").is_clean());
+}
+
+#[test]
+fn frames_index_is_rebuilt_for_whole_frames_after_a_crash_between_trees() {
+    let d = tmp();
+    let o = opts(d.path(), 100 * MB, WhenFull::DropOldestFrames);
+    let (mut s, _) = open(&o);
+    let a = put(&mut s, &unit(1, 4, 1000, true, false)).0;
+    let b = put(&mut s, &unit(2, 2, 1000, true, false)).0;
+    let before = s.stats();
+    drop(s);
+    {
+        // `frames` lost frame 1's entry and holds a wrong one for frame 2.
+        let db = sled::open(&o.dir).expect("sled");
+        let frames = db.open_tree("frames").expect("tree");
+        frames.remove(a.to_be_bytes()).expect("remove");
+        frames
+            .insert(b.to_be_bytes(), &[0u8; 16][..])
+            .expect("insert");
+        db.flush().expect("flush");
+    }
+    assert_eq!(verify(&o.dir).expect("verify").index_mismatches, 2);
+    let (s, report) = open(&o);
+    assert_eq!(report.index_repaired, 2);
+    assert_eq!(s.stats(), before);
+    drop(s);
+    // Both are whole frames again: room for one more frame of 2 drops all 4 chunks of frame 1.
+    let o2 = SpoolOptions {
+        max_bytes: before.total_bytes + 100,
+        ..o.clone()
+    };
+    let (mut s, _) = open(&o2);
+    let (_, dropped) = put(&mut s, &unit(3, 2, 1000, false, false));
+    assert_eq!(whole(&dropped), [(a, 4)]);
+    assert_whole_frames(&all(&mut s), &HashSet::new(), "after the drop");
+}
+
+#[test]
+fn a_spool_written_before_frames_were_units_opens_unchanged() {
+    // The previous version's layout: records without a frame part, `frames` entries of 8 bytes
+    // (the size of one frame record), every chunk a frame of its own.
+    let d = tmp();
+    let o = opts(d.path(), 100 * MB, WhenFull::DropOldestFrames);
+    let old = unit(1, 3, 1500, true, false);
+    {
+        std::fs::create_dir_all(&o.dir).expect("mkdir");
+        let db = sled::open(&o.dir).expect("sled");
+        let tree = |name: &str| db.open_tree(name).expect("tree");
+        let (records, index, frames, meta) =
+            (tree("records"), tree("index"), tree("frames"), tree("meta"));
+        for (seq, r) in old.iter().enumerate() {
+            let key = (seq as u64).to_be_bytes();
+            records
+                .insert(key, record::encode(r).expect("encode"))
+                .expect("insert");
+            let mut entry = vec![r.class.index() as u8];
+            entry.extend_from_slice(&(r.size() as u64).to_be_bytes());
+            entry.extend_from_slice(&r.created_ms.to_be_bytes());
+            index.insert(key, entry).expect("insert");
+            if r.class == Class::Frame {
+                frames
+                    .insert(key, &(r.size() as u64).to_be_bytes()[..])
+                    .expect("insert");
+            }
+        }
+        meta.insert("next_seq", &4u64.to_be_bytes()[..])
+            .expect("insert");
+        db.flush().expect("flush");
+    }
+    assert!(verify(&o.dir).expect("verify").is_clean());
+    let (mut s, report) = open(&o);
+    assert_eq!((report.records, report.index_repaired), (4, 0), "{report}");
+    assert_eq!(
+        all(&mut s).into_iter().map(|(_, r)| r).collect::<Vec<_>>(),
+        old
+    );
+    // New frames are units beside the old ones; the old chunks are still frames of one record.
+    let new = put(&mut s, &unit(2, 3, 1500, true, false)).0;
+    assert_eq!(new, 4);
+    drop(s);
+    let chunk = old[0].size() as u64;
+    let o2 = SpoolOptions {
+        max_bytes: bytes_of(&old) + bytes_of(&unit(2, 3, 1500, true, false)) + chunk / 2,
+        ..o.clone()
+    };
+    let (mut s, report) = open(&o2);
+    assert_eq!(report.index_repaired, 0, "nothing to migrate");
+    let (_, dropped) = put(&mut s, &unit(3, 1, 1500, false, false));
+    assert_eq!(
+        whole(&dropped),
+        [(0, 1)],
+        "an old chunk is dropped alone, as the previous version did"
+    );
+    let (_, dropped) = put(&mut s, &unit(4, 3, 1500, false, false));
+    assert_eq!(whole(&dropped), [(1, 1), (2, 1), (new, 3)]);
+    drop(s);
+    assert!(verify(&o.dir).expect("verify").is_clean());
+}
+
+#[test]
+fn disk_full_is_recognised_also_when_sled_wraps_it() {
+    use std::io::{Error, ErrorKind};
+    let enospc = || Error::from_raw_os_error(28);
+    assert!(SpoolError::io("x", enospc()).is_disk_full());
+    assert!(SpoolError::io("x", Error::new(ErrorKind::StorageFull, "full")).is_disk_full());
+    // sled 0.34's own wrapping, as measured on a full tmpfs: the kind, and the error as text.
+    let sled_style = Error::new(ErrorKind::StorageFull, format!("{:?}", enospc()));
+    assert!(SpoolError::sled("x", sled::Error::Io(sled_style)).is_disk_full());
+    assert!(SpoolError::sled("x", sled::Error::Io(Error::other(enospc()))).is_disk_full());
+    assert!(SpoolError::sled("x", sled::Error::Io(enospc())).is_disk_full());
+    assert!(!SpoolError::io("x", Error::from_raw_os_error(5)).is_disk_full());
+    assert!(!SpoolError::sled("x", sled::Error::Unsupported("x".into())).is_disk_full());
+}
+
+/// A tmpfs of `mib` MiB mounted in a fresh folder, unmounted when dropped; `None` (with a line
+/// saying so) where mounting is not allowed (not root, or no CAP_SYS_ADMIN).
+pub(crate) struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    pub(crate) fn mount(mib: u64) -> Option<Tmpfs> {
+        let dir = tmp();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(dir.path())
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Some(Tmpfs(dir)),
+            Ok(o) => {
+                println!(
+                    "skipped: cannot mount a tmpfs here ({}): needs root",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+                None
+            }
+            Err(e) => {
+                println!("skipped: cannot run mount: {e}");
+                None
+            }
+        }
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+#[test]
+fn a_full_file_system_refuses_whole_units_before_sled_meets_it() {
+    // 12 MiB, max_bytes far above: the file system is the bound. sled 0.34 must never meet
+    // ENOSPC (module doc, "A full disk"): every refusal has to come from the free-space check.
+    let Some(fs) = Tmpfs::mount(12) else { return };
+    let o = opts(fs.path(), 100 * MB, WhenFull::Backpressure);
+    let (mut s, _) = open(&o);
+    let mut id = 0;
+    for cycle in 0..3 {
+        // Fill with frames of 4 chunks: kept in sled (30 KB) or in record files (70 KB).
+        let mut units = 0;
+        let err = loop {
+            id += 1;
+            let len = if id % 3 == 0 { 70_000 } else { 30_000 };
+            match s.append_frame(&unit(id, 4, len, true, false)) {
+                Ok(a) => {
+                    stored(a);
+                    units += 1;
+                }
+                Err(e) => break e,
+            }
+            if units % 4 == 0 {
+                s.flush().expect("flush: sled never meets the full disk");
+            }
+        };
+        assert!(err.is_disk_full(), "{err}");
+        assert!(matches!(err, SpoolError::DiskFull { .. }), "{err}");
+        if cycle == 0 {
+            assert!(units >= 10, "only {units} frames fit");
+        }
+        // Results need the disk too: stored while it has room, then refused the same way.
+        let err = loop {
+            match s.append_frame(&unit(0, 0, 0, true, false)) {
+                Ok(a) => stored(a).0,
+                Err(e) => break e,
+            };
+        };
+        assert!(matches!(err, SpoolError::DiskFull { .. }), "{err}");
+        s.flush().expect("flush");
+        let got = all(&mut s);
+        assert_whole_frames(&got, &HashSet::new(), &format!("cycle {cycle}"));
+        assert_eq!(got.len() as u64, s.stats().total_records);
+        println!(
+            "cycle {cycle}: {units} frames, {} record bytes, until full; {} bytes on disk, {} \
+             free",
+            s.stats().total_bytes,
+            s.disk_bytes().expect("disk bytes"),
+            fs2::available_space(fs.path()).expect("statvfs"),
+        );
+        if cycle == 1 {
+            // A restart on the full file system: sled opens within the reserve.
+            drop(s);
+            let (s2, report) = open(&o);
+            assert_eq!(report.records, got.len() as u64);
+            s = s2;
+        }
+        // Drain everything: removals work on the full disk.
+        s.remove(&seqs_of(&got)).expect("remove");
+        s.flush().expect("flush");
+        assert!(s.is_empty());
+    }
+    drop(s);
+    assert!(verify(&o.dir).expect("verify").is_clean());
+}
+
 // ---- large records: files of their own ----
 
 #[test]
@@ -779,14 +1296,82 @@ impl Rng {
     }
 }
 
+/// The records of one frame as the outbox spools them: `chunks` frame records (each `len`
+/// bytes), then its result, and a dead letter if `letter`. Every record carries the frame's id;
+/// frame records their index and count (so a test can tell a whole frame from part of one).
+fn unit(id: u64, chunks: u64, len: usize, result: bool, letter: bool) -> Vec<SpoolRecord> {
+    let mut out = Vec::new();
+    for i in 0..chunks {
+        let mut r = rec(Class::Frame, id * 100 + i, len);
+        r.headers = vec![
+            ("fovea-record-id".into(), format!("node/cam/u{id}")),
+            ("fovea-chunk-index".into(), i.to_string()),
+            ("fovea-chunk-count".into(), chunks.to_string()),
+        ];
+        out.push(r);
+    }
+    for (class, wanted) in [(Class::Result, result), (Class::DeadLetter, letter)] {
+        if wanted {
+            let mut r = rec(class, id * 100 + 99, 300);
+            r.headers = vec![("fovea-record-id".into(), format!("node/cam/u{id}"))];
+            out.push(r);
+        }
+    }
+    out
+}
+
+fn header<'a>(r: &'a SpoolRecord, name: &str) -> Option<&'a str> {
+    r.headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// Every frame in the spool is whole: for each frame id, all `fovea-chunk-count` chunks are
+/// there, unless one of its records was removed (delivered) by the test (`started`).
+fn assert_whole_frames(got: &[(u64, SpoolRecord)], started: &HashSet<String>, what: &str) {
+    let mut chunks: HashMap<String, (usize, usize)> = HashMap::new();
+    for (_, r) in got.iter().filter(|(_, r)| r.class == Class::Frame) {
+        let (Some(id), Some(count)) =
+            (header(r, "fovea-record-id"), header(r, "fovea-chunk-count"))
+        else {
+            continue;
+        };
+        let e = chunks.entry(id.to_string()).or_default();
+        e.0 += 1;
+        e.1 = count.parse().expect("chunk count");
+    }
+    for (id, (found, count)) in chunks {
+        assert!(
+            found == count || started.contains(&id),
+            "{what}: frame {id} has {found} of its {count} chunks in the spool"
+        );
+    }
+}
+
 struct Model {
     max_bytes: u64,
     when_full: WhenFull,
     recs: VecDeque<(u64, SpoolRecord)>,
+    /// Frames that may be dropped: first frame seq -> (frame seqs, bytes), oldest first.
+    frames: BTreeMap<u64, (Vec<u64>, u64)>,
+    /// Frame ids of which a record was removed (delivered): never dropped, never checked whole.
+    started: HashSet<String>,
     last_seq: Option<u64>,
     dropped_oldest: u64,
     dropped_no_room: u64,
     refused: u64,
+}
+
+/// What `append_frame` must return, by the model.
+#[derive(Debug, PartialEq)]
+enum Want {
+    Refused,
+    /// The frames dropped (first seqs) and whether the unit's own frame records were dropped.
+    Stored {
+        dropped: Vec<u64>,
+        frame_dropped: bool,
+    },
 }
 
 impl Model {
@@ -798,38 +1383,98 @@ impl Model {
             .sum()
     }
 
-    /// What `append` must do: `None` = refused, else the frames to drop.
-    fn expect_append(&mut self, r: &SpoolRecord) -> Option<Vec<u64>> {
-        let size = r.size() as u64;
-        let total = self.bytes(None);
-        if total + size <= self.max_bytes {
-            return Some(Vec::new());
+    fn over(&self, bytes: u64) -> u64 {
+        (self.bytes(None) + bytes).saturating_sub(self.max_bytes)
+    }
+
+    /// Drops the oldest whole frames until `need` bytes are freed (or none is left).
+    fn drop_oldest(&mut self, need: u64) -> Vec<u64> {
+        let mut freed = 0;
+        let mut victims = Vec::new();
+        for (first, (_, bytes)) in &self.frames {
+            if freed >= need {
+                break;
+            }
+            freed += bytes;
+            victims.push(*first);
         }
-        let need = total + size - self.max_bytes;
-        match (r.class, self.when_full) {
-            (Class::Frame, WhenFull::Backpressure) => None,
-            (_, WhenFull::Backpressure) => Some(Vec::new()),
-            (class, WhenFull::DropOldestFrames) => {
-                if class == Class::Frame && need > self.bytes(Some(Class::Frame)) {
+        for first in &victims {
+            let (seqs, _) = self.frames.remove(first).expect("victim");
+            self.recs.retain(|(q, _)| !seqs.contains(q));
+        }
+        self.dropped_oldest += victims.len() as u64;
+        victims
+    }
+
+    /// What `append_frame(unit)` must do; applies the drops. The caller stores the records.
+    fn expect_append(&mut self, unit: &[SpoolRecord]) -> Want {
+        let size = |frames: bool| -> u64 {
+            unit.iter()
+                .filter(|r| (r.class == Class::Frame) == frames)
+                .map(|r| r.size() as u64)
+                .sum()
+        };
+        let (frame_bytes, other_bytes) = (size(true), size(false));
+        let has_frames = unit.iter().any(|r| r.class == Class::Frame);
+        let need = self.over(frame_bytes + other_bytes);
+        if need == 0 {
+            return Want::Stored {
+                dropped: Vec::new(),
+                frame_dropped: false,
+            };
+        }
+        match self.when_full {
+            WhenFull::Backpressure if has_frames => Want::Refused,
+            WhenFull::Backpressure => Want::Stored {
+                dropped: Vec::new(),
+                frame_dropped: false,
+            },
+            WhenFull::DropOldestFrames => {
+                let droppable: u64 = self.frames.values().map(|(_, b)| b).sum();
+                if !has_frames || need <= droppable {
+                    let dropped = self.drop_oldest(need);
+                    Want::Stored {
+                        dropped,
+                        frame_dropped: false,
+                    }
+                } else {
+                    let dropped = self.drop_oldest(self.over(other_bytes));
                     self.dropped_no_room += 1;
-                    return None;
-                }
-                let mut freed = 0;
-                let mut drop = Vec::new();
-                for (seq, r) in &self.recs {
-                    if freed >= need {
-                        break;
-                    }
-                    if r.class == Class::Frame {
-                        freed += r.size() as u64;
-                        drop.push(*seq);
+                    Want::Stored {
+                        dropped,
+                        frame_dropped: true,
                     }
                 }
-                self.dropped_oldest += drop.len() as u64;
-                self.recs.retain(|(q, _)| !drop.contains(q));
-                Some(drop)
             }
         }
+    }
+
+    /// Stores `recs` under `seqs` (frame records make one droppable frame).
+    fn store(&mut self, seqs: std::ops::Range<u64>, recs: Vec<&SpoolRecord>) {
+        let mut frame = (Vec::new(), 0);
+        for (seq, r) in seqs.zip(recs) {
+            if r.class == Class::Frame {
+                frame.0.push(seq);
+                frame.1 += r.size() as u64;
+            }
+            self.recs.push_back((seq, r.clone()));
+        }
+        if let Some(&first) = frame.0.first() {
+            self.frames.insert(first, frame);
+        }
+    }
+
+    /// Records `seqs` were removed (delivered): their frames are started.
+    fn remove(&mut self, seqs: &[u64]) {
+        for (q, r) in self.recs.iter().filter(|(q, _)| seqs.contains(q)) {
+            if r.class == Class::Frame {
+                self.frames.retain(|_, (members, _)| !members.contains(q));
+                if let Some(id) = header(r, "fovea-record-id") {
+                    self.started.insert(id.to_string());
+                }
+            }
+        }
+        self.recs.retain(|(q, _)| !seqs.contains(q));
     }
 
     fn check(&self, s: &SledSpool, step: usize) {
@@ -856,6 +1501,23 @@ impl Model {
     }
 }
 
+/// A random unit: a frame in 1..=6 chunks (some large enough for record files) with its result
+/// (sometimes a dead letter too), a dead letter alone, or a result alone.
+fn random_unit(rng: &mut Rng, id: u64) -> Vec<SpoolRecord> {
+    match rng.below(10) {
+        0..=5 => {
+            let chunks = 1 + rng.below(6);
+            let len = match rng.below(6) {
+                0 => 66_000 + rng.below(10_000),
+                _ => 1000 + rng.below(9_000),
+            } as usize;
+            unit(id, chunks, len, true, rng.below(8) == 0)
+        }
+        6 | 7 => unit(id, 0, 0, true, false),
+        _ => unit(id, 0, 0, false, true),
+    }
+}
+
 /// Runs one seed; returns (frames dropped as oldest, frames dropped for no room, refused).
 fn run_model(seed: u64, steps: usize) -> (u64, u64, u64) {
     let mut rng = Rng(seed);
@@ -871,6 +1533,8 @@ fn run_model(seed: u64, steps: usize) -> (u64, u64, u64) {
         max_bytes: o.max_bytes,
         when_full,
         recs: VecDeque::new(),
+        frames: BTreeMap::new(),
+        started: HashSet::new(),
         last_seq: None,
         dropped_oldest: 0,
         dropped_no_room: 0,
@@ -880,33 +1544,63 @@ fn run_model(seed: u64, steps: usize) -> (u64, u64, u64) {
     for step in 0..steps {
         match rng.below(100) {
             0..=44 => {
-                let class = match rng.below(10) {
-                    0..=3 => Class::Frame,
-                    4..=8 => Class::Result,
-                    _ => Class::DeadLetter,
-                };
-                let len = match class {
-                    Class::Frame if rng.below(5) == 0 => 66_000 + rng.below(40_000),
-                    Class::Frame => 2000 + rng.below(12_000),
-                    _ => rng.below(1500),
-                } as usize;
                 n += 1;
-                let r = rec(class, n, len);
-                let want = m.expect_append(&r);
-                match (s.append(&r).expect("append"), want) {
-                    (Appended::Refused, None) => m.refused += 1,
-                    (Appended::Stored { seq, dropped }, Some(drop)) => {
-                        assert!(m.last_seq.is_none_or(|l| seq > l), "step {step}: seq {seq}");
-                        m.last_seq = Some(seq);
+                let u = random_unit(&mut rng, n);
+                let want = m.expect_append(&u);
+                let got = s.append_frame(&u).expect("append");
+                let (seqs, dropped, frame_dropped) = match (got, &want) {
+                    (Appended::Refused, Want::Refused) => {
+                        m.refused += 1;
+                        m.check(&s, step);
+                        continue;
+                    }
+                    (Appended::Stored { seqs, dropped }, _) => (seqs, dropped, false),
+                    (
+                        Appended::FrameDropped {
+                            seqs,
+                            dropped,
+                            records,
+                            bytes,
+                        },
+                        _,
+                    ) => {
+                        let frames: Vec<_> = u.iter().filter(|r| r.class == Class::Frame).collect();
+                        assert_eq!(records, frames.len() as u64, "step {step}");
                         assert_eq!(
-                            dropped.iter().map(|d| d.seq).collect::<Vec<_>>(),
-                            drop,
-                            "step {step}: dropped"
+                            bytes,
+                            frames.iter().map(|r| r.size() as u64).sum::<u64>(),
+                            "step {step}"
                         );
-                        m.recs.push_back((seq, r));
+                        (seqs, dropped, true)
                     }
                     (got, want) => panic!("step {step}: got {got:?}, model says {want:?}"),
+                };
+                assert_eq!(
+                    Want::Stored {
+                        dropped: dropped.iter().map(|d| d.seq).collect(),
+                        frame_dropped
+                    },
+                    want,
+                    "step {step}"
+                );
+                for d in &dropped {
+                    assert!(d.records >= 1 && d.bytes > 0, "step {step}: {d:?}");
                 }
+                let kept: Vec<&SpoolRecord> = u
+                    .iter()
+                    .filter(|r| !frame_dropped || r.class != Class::Frame)
+                    .collect();
+                assert_eq!(seqs.end - seqs.start, kept.len() as u64, "step {step}");
+                if !seqs.is_empty() {
+                    assert!(
+                        m.last_seq.is_none_or(|l| seqs.start > l),
+                        "step {step}: seq {seqs:?}"
+                    );
+                    m.last_seq = Some(seqs.end - 1);
+                }
+                m.store(seqs, kept);
+                // The property: after every append, every frame in the spool is whole.
+                assert_whole_frames(&all(&mut s), &m.started, &format!("step {step}"));
             }
             45..=54 => s.flush().expect("flush"),
             55..=74 => {
@@ -940,17 +1634,18 @@ fn run_model(seed: u64, steps: usize) -> (u64, u64, u64) {
                 };
                 seqs.push(m.last_seq.map_or(0, |l| l + 1000));
                 s.remove(&seqs).expect("remove");
-                m.recs.retain(|(q, _)| !seqs.contains(q));
+                m.remove(&seqs);
             }
             _ => {
                 // Clean restart: appended records survive (sled flushes on close) and every
-                // flushed one must.
+                // flushed one must; the frames that may be dropped are rebuilt the same.
                 drop(s);
                 let (s2, report) = open(&o);
                 s = s2;
                 assert_eq!(report.records, m.recs.len() as u64, "step {step}: reopen");
                 assert_eq!(report.quarantined, 0);
                 assert_eq!(report.index_repaired, 0);
+                assert_eq!(report.interrupted, 0);
                 assert_eq!(report.orphan_files, 0);
             }
         }
