@@ -7,6 +7,7 @@
 //! - [`inference`]: model manifests, preprocessing, ONNX Runtime sessions, postprocessing.
 //! - [`pipeline`]: the wiring: bounded queue, worker threads, per-camera ordering, shutdown.
 //! - [`outbox`]: Kafka records (and the size policy), the producer, topic creation.
+//! - [`records`]: Kafka records: one type, size policy, sizing, chunking, headers, refusals.
 //! - [`stats`]: counters and stage latencies.
 //! - [`metrics`]: the Prometheus exposition of those.
 //! - [`service`]: systemd notifications and watchdog, health, the `/metrics` endpoint.
@@ -25,6 +26,7 @@ pub mod logging;
 pub mod metrics;
 pub mod outbox;
 pub mod pipeline;
+pub mod records;
 pub mod service;
 pub mod spool;
 pub mod stats;
