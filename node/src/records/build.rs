@@ -71,7 +71,9 @@ pub struct FrameRecords {
 
 /// Why a frame could not be made into records under the limit.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("frame record of {size} bytes exceeds the record limit ({limit} bytes, less {FRAMING_ALLOWANCE} for framing){detail}")]
+#[error(
+    "frame record of {size} bytes exceeds the record limit ({limit} bytes, less {FRAMING_ALLOWANCE} for framing){detail}"
+)]
 pub struct FrameTooLarge {
     pub size: usize,
     pub limit: usize,
@@ -379,14 +381,20 @@ mod tests {
             assert!(LIMIT.fits(c), "chunk {i} is {} bytes", c.size());
             assert_eq!(c.kind, RecordKind::FrameChunk);
             assert_eq!(c.size_policy(), Some(SizePolicy::Chunked));
-            assert_eq!(c.header(chunks::HEADER_CHUNK_INDEX), Some(i.to_string().as_str()));
+            assert_eq!(
+                c.header(chunks::HEADER_CHUNK_INDEX),
+                Some(i.to_string().as_str())
+            );
             assert_eq!(c.header("fovea-edge-node"), Some(extra[0].1.as_str()));
             assert_eq!(c.key, "cam");
             let chunk = FrameChunk::decode(c.value.as_slice()).unwrap();
             outcomes.extend(aggregator.push(chunk, Instant::now()));
         }
         let [chunks::Outcome::Complete(done)] = outcomes.as_slice() else {
-            panic!("expected one complete frame, got {} outcomes", outcomes.len());
+            panic!(
+                "expected one complete frame, got {} outcomes",
+                outcomes.len()
+            );
         };
         let back = Frame::decode(done.payload.clone()).unwrap();
         assert_eq!(back, frame(300_000));
@@ -463,7 +471,10 @@ mod tests {
         let back = DeadLetter::decode(rec.value.as_slice()).unwrap();
         assert!(back.payload_truncated && back.payload.is_empty());
         assert_eq!(back.payload_size, 100_000);
-        assert!(back.reason.ends_with(&format!("{TRUNCATION_MARKER}{} bytes]", 1 << 20)));
+        assert!(
+            back.reason
+                .ends_with(&format!("{TRUNCATION_MARKER}{} bytes]", 1 << 20))
+        );
         assert_eq!(rec.header(h::ERROR_KIND), Some("decode-failed"));
         assert_eq!(rec.size_policy(), Some(SizePolicy::DeadLetter));
         // A small one keeps its payload.
@@ -475,7 +486,8 @@ mod tests {
             reason: "short".into(),
             ..small
         };
-        let back = DeadLetter::decode(fit_dead_letter(&small, "dl", LIMIT).value.as_slice()).unwrap();
+        let back =
+            DeadLetter::decode(fit_dead_letter(&small, "dl", LIMIT).value.as_slice()).unwrap();
         assert_eq!(back.payload.len(), 10);
     }
 

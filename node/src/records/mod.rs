@@ -22,9 +22,9 @@ mod record;
 mod refusal;
 
 pub use build::{
-    FRAMING_ALLOWANCE, FrameRecords, FrameTooLarge, METADATA_DROPPED, RecordLimit, TRUNCATION_MARKER,
-    dead_letter_record, fit_dead_letter,
-    fit_result, frame_records, truncate_text,
+    FRAMING_ALLOWANCE, FrameRecords, FrameTooLarge, METADATA_DROPPED, RecordLimit,
+    TRUNCATION_MARKER, dead_letter_record, fit_dead_letter, fit_result, frame_records,
+    truncate_text,
 };
 pub use policy::SizePolicy;
 pub use record::{Record, RecordKind, headers_of};

@@ -50,14 +50,34 @@ pub fn classify(error: &KafkaError) -> Refusal {
 pub fn classify_code(code: RDKafkaErrorCode) -> Refusal {
     use RDKafkaErrorCode::*;
     match code {
-        MessageSizeTooLarge | InvalidMessageSize | InvalidMessage | BadMessage | InvalidRecord
-        | MessageBatchTooLarge | TopicAuthorizationFailed | ClusterAuthorizationFailed
-        | UnknownTopicOrPartition | UnknownTopic | UnknownPartition | InvalidTopic
-        | InvalidRequiredAcks | PolicyViolation | UnsupportedForMessageFormat
-        | InvalidTimestamp | UnsupportedCompressionType | KeySerialization
-        | ValueSerialization | InvalidArgument => Refusal::Permanent,
-        Fatal | OutOfOrderSequenceNumber | DuplicateSequenceNumber | InvalidProducerEpoch
-        | InvalidProducerIdMapping | UnknownProducerId | ProducerFenced | Fenced
+        MessageSizeTooLarge
+        | InvalidMessageSize
+        | InvalidMessage
+        | BadMessage
+        | InvalidRecord
+        | MessageBatchTooLarge
+        | TopicAuthorizationFailed
+        | ClusterAuthorizationFailed
+        | UnknownTopicOrPartition
+        | UnknownTopic
+        | UnknownPartition
+        | InvalidTopic
+        | InvalidRequiredAcks
+        | PolicyViolation
+        | UnsupportedForMessageFormat
+        | InvalidTimestamp
+        | UnsupportedCompressionType
+        | KeySerialization
+        | ValueSerialization
+        | InvalidArgument => Refusal::Permanent,
+        Fatal
+        | OutOfOrderSequenceNumber
+        | DuplicateSequenceNumber
+        | InvalidProducerEpoch
+        | InvalidProducerIdMapping
+        | UnknownProducerId
+        | ProducerFenced
+        | Fenced
         | GaplessGuarantee => Refusal::Fatal,
         _ => Refusal::Retriable,
     }
@@ -108,7 +128,12 @@ mod tests {
 
     #[test]
     fn a_producer_that_lost_its_guarantees_is_fatal() {
-        for code in [Fatal, OutOfOrderSequenceNumber, InvalidProducerEpoch, ProducerFenced] {
+        for code in [
+            Fatal,
+            OutOfOrderSequenceNumber,
+            InvalidProducerEpoch,
+            ProducerFenced,
+        ] {
             assert_eq!(produce(code), Refusal::Fatal, "{code:?}");
             assert_eq!(classify(&KafkaError::Global(code)), Refusal::Fatal);
         }
