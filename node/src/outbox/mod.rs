@@ -191,7 +191,16 @@ impl Outbox {
         run.inflight_bytes.fetch_add(bytes, Ordering::Relaxed);
         let mut futures = Vec::with_capacity(records.len());
         for record in &records {
-            match producer::enqueue(&self.producer, record).await {
+            let headers = record.headers.iter().map(|(k, v)| (*k, v.as_str()));
+            match producer::enqueue_parts(
+                &self.producer,
+                &record.topic,
+                &record.key,
+                headers,
+                &record.value,
+            )
+            .await
+            {
                 Ok(f) => futures.push((record.kind, f)),
                 Err(e) => {
                     Stats::incr(&self.stats.delivery_failures);

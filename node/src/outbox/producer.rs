@@ -7,8 +7,8 @@
 //! comes back as failed and goes to the spool, so a missing broker never holds a frame's ack for
 //! longer than that.
 
-use super::records::Record;
 use crate::config::KafkaConfig;
+use crate::records::Record;
 use rdkafka::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -45,16 +45,21 @@ pub fn create(
 }
 
 /// Hands a record to librdkafka. When its queue is full this waits (that is the back-pressure
-/// from Kafka to the pipeline); other errors are returned, they mean the record can never go.
+/// from Kafka to the pipeline); other errors are returned for the caller to classify
+/// ([`crate::records::classify`]).
 pub async fn enqueue(
     producer: &FutureProducer,
     record: &Record,
 ) -> Result<DeliveryFuture, KafkaError> {
-    let headers = record.headers.iter().map(|(k, v)| (*k, v.as_str()));
-    enqueue_parts(producer, &record.topic, &record.key, headers, &record.value).await
+    let rec = FutureRecord::to(&record.topic)
+        .key(record.key.as_str())
+        .payload(record.value.as_slice())
+        .headers(record.kafka_headers());
+    send_waiting(producer, rec).await
 }
 
-/// [`enqueue`] for a record in parts (a spooled record being drained).
+/// [`enqueue`] for a record in parts: the old outbox's records and spooled records being drained
+/// (kept until the outbox hands `Record`s to [`enqueue`] too).
 pub async fn enqueue_parts<'a>(
     producer: &FutureProducer,
     topic: &str,
@@ -69,10 +74,18 @@ pub async fn enqueue_parts<'a>(
             value: Some(value),
         });
     }
-    let mut rec = FutureRecord::to(topic)
+    let rec = FutureRecord::to(topic)
         .key(key)
         .payload(value)
         .headers(headers);
+    send_waiting(producer, rec).await
+}
+
+/// Sends `rec`, waiting while librdkafka's queue is full.
+async fn send_waiting(
+    producer: &FutureProducer,
+    mut rec: FutureRecord<'_, str, [u8]>,
+) -> Result<DeliveryFuture, KafkaError> {
     loop {
         match producer.send_result(rec) {
             Ok(delivery) => return Ok(delivery),

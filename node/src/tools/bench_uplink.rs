@@ -4,13 +4,12 @@
 //! configured cloud cluster until the backlog is replicated.
 
 use crate::config::Config;
-use crate::outbox::producer::enqueue_parts;
+use crate::outbox::producer::enqueue;
+use crate::records::{self, RecordLimit};
 use crate::stats::Stats;
 use crate::tools::camera::read_images;
 use clap::Args;
-use fovea_proto::headers as h;
 use fovea_proto::v1::{Classification, Frame, InferenceResult, ModelOutput};
-use prost::Message;
 use rdkafka::producer::FutureProducer;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -44,6 +43,7 @@ pub async fn run(args: UplinkBenchArgs, cfg: Config) -> anyhow::Result<()> {
         Duration::from_secs(30),
     )
     .await?;
+    let limit = RecordLimit::new(cfg.kafka.record_limit_bytes);
     let started = Instant::now();
     let (mut frames, mut bytes) = (0u64, 0usize);
     let mut pending = Vec::new();
@@ -58,20 +58,12 @@ pub async fn run(args: UplinkBenchArgs, cfg: Config) -> anyhow::Result<()> {
                 data: images[i as usize % images.len()].1.clone(),
                 ..Frame::default()
             };
-            let value = frame.encode_to_vec();
-            bytes += value.len();
+            let out = records::frame_records(&frame, &cfg.kafka.topics.frames, &[], limit, true)?;
             frames += 1;
-            let headers = [(h::SCHEMA, h::SCHEMA_FRAME), (h::RECORD_ID, id.as_str())];
-            pending.push(
-                enqueue_parts(
-                    &local,
-                    &cfg.kafka.topics.frames,
-                    &camera,
-                    headers.into_iter(),
-                    &value,
-                )
-                .await?,
-            );
+            for record in &out.records {
+                bytes += record.value.len();
+                pending.push(enqueue(&local, record).await?);
+            }
         }
         let result = InferenceResult {
             record_id: id.clone(),
@@ -91,19 +83,10 @@ pub async fn run(args: UplinkBenchArgs, cfg: Config) -> anyhow::Result<()> {
             }],
             ..InferenceResult::default()
         };
-        let value = result.encode_to_vec();
-        bytes += value.len();
-        let headers = [(h::SCHEMA, h::SCHEMA_RESULT), (h::RECORD_ID, id.as_str())];
-        pending.push(
-            enqueue_parts(
-                &local,
-                &cfg.kafka.topics.results,
-                &camera,
-                headers.into_iter(),
-                &value,
-            )
-            .await?,
-        );
+        let record = records::fit_result(&result, &cfg.kafka.topics.results, limit)
+            .map_err(|letter| anyhow::anyhow!("{}", letter.reason))?;
+        bytes += record.value.len();
+        pending.push(enqueue(&local, &record).await?);
     }
     for f in pending {
         let _ = f.await;
