@@ -311,17 +311,26 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let group = cfg.uplink_group();
-    let (results, results_partitions) =
-        local_consumer(&cfg, &group, &cfg.kafka.topics.results, stats.clone()).await?;
-    let (frames, _) = local_consumer(&cfg, &group, &cfg.kafka.topics.frames, stats.clone()).await?;
+    // Waits for the local broker (and its topics); a shutdown meanwhile ends the uplink.
+    let connect = async {
+        let results =
+            local_consumer(&cfg, &group, &cfg.kafka.topics.results, stats.clone()).await?;
+        let (frames, _) =
+            local_consumer(&cfg, &group, &cfg.kafka.topics.frames, stats.clone()).await?;
+        crate::outbox::topics::ensure(
+            &cfg.kafka,
+            &[&cfg.uplink.deadletter_topic],
+            Duration::from_secs(24 * 3600),
+        )
+        .await
+        .context("creating the uplink dead-letter topic")?;
+        anyhow::Ok((results, frames))
+    };
+    let ((results, results_partitions), frames) = tokio::select! {
+        connected = connect => connected?,
+        _ = shutdown.changed() => return Ok(()),
+    };
     let u = cfg.uplink.clone();
-    crate::outbox::topics::ensure(
-        &cfg.kafka,
-        &[&u.deadletter_topic],
-        Duration::from_secs(24 * 3600),
-    )
-    .await
-    .context("creating the uplink dead-letter topic")?;
     // No time-out: a dead letter waits for the local broker like the checkpoint does.
     let local = producer::client_config(
         &cfg.kafka,
