@@ -81,6 +81,9 @@ pub struct Stats {
     pub uplink_filtered: AtomicU64,
     /// Uplink records the cloud acknowledged.
     pub uplink_acked: AtomicU64,
+    /// Uplink records refused for good (by the cloud, or over `uplink.record_limit_bytes`) whose
+    /// local uplink dead letter the local broker acknowledged, by reason (`too-large`, ...).
+    pub uplink_refused: Mutex<BTreeMap<String, u64>>,
     /// Records in the local broker not yet replicated (past the uplink's checkpoint), by local
     /// topic, from librdkafka's consumer statistics; empty until known.
     pub uplink_lag: Mutex<BTreeMap<String, i64>>,
@@ -197,6 +200,13 @@ impl Stats {
     /// Counts a failed spool write (`disk-full` or `error`).
     pub fn spool_write_failure(&self, reason: &str) {
         if let Ok(mut map) = self.spool_write_failures.lock() {
+            *map.entry(reason.to_string()).or_default() += 1;
+        }
+    }
+
+    /// Counts an uplink record refused for good, for `reason`.
+    pub fn uplink_refuse(&self, reason: &str) {
+        if let Ok(mut map) = self.uplink_refused.lock() {
             *map.entry(reason.to_string()).or_default() += 1;
         }
     }

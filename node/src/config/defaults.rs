@@ -140,6 +140,7 @@ impl Default for UplinkConfig {
             frames_topic: "fovea.frames".into(),
             bandwidth_bytes_per_sec: 0,
             record_limit_bytes: 1 << 20,
+            deadletter_topic: "fovea.uplink-deadletter".into(),
             compression: "zstd".into(),
             max_in_flight: 256,
             security: UplinkSecurity::default(),

@@ -161,8 +161,13 @@ pub struct UplinkConfig {
     pub frames_topic: String,
     /// Bytes per second sent to the cloud at most (record bytes); 0 = no cap. For metered links.
     pub bandwidth_bytes_per_sec: u64,
-    /// The cloud cluster's record limit; larger frames are chunked again.
+    /// The cloud cluster's record limit; larger frames are chunked again, and a result over it is
+    /// refused (recorded in `deadletter_topic`).
     pub record_limit_bytes: usize,
+    /// Topic on the LOCAL broker for uplink dead letters: the evidence of every record the uplink
+    /// gave up on for good (refused by the cloud, or over `record_limit_bytes`), written before
+    /// the checkpoint passes it. Created by the uplink at start.
+    pub deadletter_topic: String,
     /// Compression towards the cloud: none, gzip, snappy, lz4, zstd.
     pub compression: String,
     /// Records sent to the cloud and not yet acknowledged, at most: beyond it replication waits.

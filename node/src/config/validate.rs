@@ -275,10 +275,27 @@ fn uplink(config: &Config, p: &mut Problems) {
     for (key, topic) in [
         ("uplink.results_topic", &u.results_topic),
         ("uplink.frames_topic", &u.frames_topic),
+        ("uplink.deadletter_topic", &u.deadletter_topic),
     ] {
         if let Err(why) = check_kafka_topic(topic) {
             p.check(false, key, format!("{topic:?}: {why}"));
         }
+    }
+    // The uplink dead letters go to the local broker, beside the node's own topics.
+    let t = &config.kafka.topics;
+    for (name, local) in [
+        ("frames", &t.frames),
+        ("results", &t.results),
+        ("deadletter", &t.deadletter),
+    ] {
+        p.check(
+            u.deadletter_topic != *local,
+            "uplink.deadletter_topic",
+            format!(
+                "{:?} is also kafka.topics.{name}: uplink dead letters need their own local topic",
+                u.deadletter_topic
+            ),
+        );
     }
     p.check(
         COMPRESSIONS.contains(&u.compression.as_str()),
@@ -515,6 +532,23 @@ mod tests {
                 "routes[0].models[2]",
             ]
         );
+    }
+
+    #[test]
+    fn the_uplink_dead_letter_topic_is_a_valid_local_topic_of_its_own() {
+        let mut c = Config::default();
+        c.uplink.enabled = true;
+        c.uplink.brokers = "cloud:9092".into();
+        assert!(validate(&c).is_empty());
+        c.uplink.deadletter_topic = c.kafka.topics.results.clone();
+        assert_eq!(paths(&c), ["uplink.deadletter_topic"]);
+        c.uplink.deadletter_topic = c.kafka.topics.deadletter.clone();
+        assert_eq!(paths(&c), ["uplink.deadletter_topic"]);
+        c.uplink.deadletter_topic = "bad topic".into();
+        assert_eq!(paths(&c), ["uplink.deadletter_topic"]);
+        // Unchecked while the uplink is off.
+        c.uplink.enabled = false;
+        assert!(validate(&c).is_empty());
     }
 
     #[test]

@@ -316,6 +316,24 @@ fn uplink(out: &mut Out, s: &Stats) {
         out.help(name, "counter", help);
         out.line(name, &[], Stats::get(counter) as f64);
     }
+    out.help(
+        "fovea_uplink_refused_total",
+        "counter",
+        "Records the uplink gave up on for good (refused by the cloud, or over \
+         uplink.record_limit_bytes), each recorded in the local uplink dead-letter topic, by reason.",
+    );
+    let refused = s
+        .uplink_refused
+        .lock()
+        .map(|m| m.clone())
+        .unwrap_or_default();
+    for (reason, n) in refused {
+        out.line(
+            "fovea_uplink_refused_total",
+            &[("reason", &reason)],
+            n as f64,
+        );
+    }
     let lag = s.uplink_lag.lock().map(|m| m.clone()).unwrap_or_default();
     if !lag.is_empty() {
         out.help(
@@ -415,6 +433,8 @@ mod tests {
         Stats::incr(&stats.frames_in);
         Stats::incr(&stats.frames_in);
         stats.reject("decode-failed");
+        stats.uplink_refuse("too-large");
+        stats.uplink_refuse("too-large");
         stats.record(Stage::Inference, Duration::from_millis(12));
         stats.record(Stage::Kafka, Duration::from_millis(3));
         stats.record_model("efficientnet-lite0", Duration::from_millis(11));
@@ -439,6 +459,10 @@ mod tests {
                 "fovea_frames_rejected_total{reason=\"decode-failed\"}"
             ),
             Some(1.0)
+        );
+        assert_eq!(
+            sample(&text, "fovea_uplink_refused_total{reason=\"too-large\"}"),
+            Some(2.0)
         );
         assert_eq!(
             sample(

@@ -6,10 +6,12 @@
 //! - `thumbnail`: downscaled JPEGs for metered links.
 //! - `bucket`: the bandwidth cap.
 //! - `offsets`: which local offsets may be committed (everything before them is in the cloud).
+//! - `reassembly`: chunked local frames, and the positions of their chunks (every one ends done).
 //! - `status`: replication lag for `fovea status`.
 
 pub mod bucket;
 pub mod offsets;
+pub mod reassembly;
 pub mod replicator;
 pub mod rules;
 pub mod status;

@@ -1,12 +1,26 @@
 //! The replicator: reads results and frames from the local broker, sends results (all) and frames
 //! (chosen by [`FrameRules`](super::rules::FrameRules)) to the cloud cluster, and commits the
-//! local offsets only once the cloud acknowledged (or a rule skipped) every record before them.
+//! local offsets only once every record before them is done: acknowledged by the cloud, skipped
+//! by a rule, or refused for good and recorded in the local uplink dead-letter topic.
 //!
 //! - **At least once**: the local consumer group's committed offsets are the checkpoint; after a
 //!   crash replication resumes there, so at most the records in flight are sent again, with the
 //!   same `fovea-record-id` (and a `fovea-edge-node` header) for the cloud to deduplicate.
+//! - **Records through [`crate::records`]**: a result is forwarded as read (checked against
+//!   `uplink.record_limit_bytes`), a frame is made into records by
+//!   [`records::frame_records`] (inline, claim check, or chunked under the cloud's limit).
+//! - **The checkpoint never passes an unacknowledged record**: every failure is classified
+//!   ([`records::classify`]): *retriable* keeps the record's positions open and sends the
+//!   unacknowledged records again after an exponential backoff with jitter, reading nothing new
+//!   meanwhile (so a camera's later records do not overtake it); *fatal* (the idempotent
+//!   producer lost its guarantees) rebuilds the cloud producer, then retries; *permanent* (too
+//!   large for the cloud, not authorized, invalid) writes an `uplink-refused` dead letter (the
+//!   cloud's error, the local topic/partition/offset, record id, size and SHA-256; no payload) to
+//!   `uplink.deadletter_topic` on the LOCAL broker, and only its acknowledgement lets the
+//!   checkpoint pass the record.
 //! - **Ordered per camera**: records keep their key (the camera id) and are produced in the order
-//!   they were read, by an idempotent producer.
+//!   they were read, by an idempotent producer. Records already in flight when one fails are not
+//!   called back: they may land before its retry (the record ids and sequences tell).
 //! - **Results before images**: results are read first; frames only while the results are caught
 //!   up (every results partition at its end), so after an outage the results arrive first.
 //! - **Offline is normal**: the producer never times records out; librdkafka reconnects with
@@ -15,50 +29,81 @@
 //! - **Bandwidth cap**: every record waits for its bytes in a token bucket.
 
 use super::bucket::TokenBucket;
+use super::offsets::OffsetTracker;
+use super::reassembly::{Event, Pos, Reassembly};
 use super::rules::{FrameSelector, Verdict};
 use super::thumbnail::thumbnail;
 use crate::config::{Config, UplinkConfig};
-use crate::outbox::producer::enqueue;
-use crate::records::{Record, RecordKind};
+use crate::ingress::backoff::Backoff;
+use crate::outbox::producer::{self, enqueue};
+use crate::records::{self, FRAMING_ALLOWANCE, Record, RecordKind, RecordLimit, Refusal};
 use crate::stats::{Stage, Stats};
 use anyhow::Context;
-use fovea_proto::chunks::{self, Aggregator, Limits, Outcome};
-use fovea_proto::headers as h;
-use fovea_proto::v1::{Frame, FrameChunk, InferenceResult};
+use fovea_proto::chunks::Limits;
+use fovea_proto::v1::{DeadLetter, Frame, FrameChunk, InferenceResult};
 use prost::Message as _;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::FutureProducer;
 use rdkafka::producer::Producer;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use std::collections::{HashMap, HashSet, VecDeque};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 use tokio::sync::watch;
 
-use super::offsets::OffsetTracker;
-
 /// Header added to every replicated record: the edge node it came from.
 pub const EDGE_NODE: &str = "fovea-edge-node";
 /// Header on a replicated frame that was downscaled: its size, `WIDTHxHEIGHT`.
 pub const THUMBNAIL: &str = "fovea-thumbnail";
+/// The `kind` of the uplink's dead letters.
+pub const REFUSED_KIND: &str = "uplink-refused";
 /// How long a frame waits for its result (to decide by the rules) before it is skipped.
 const RESULT_PATIENCE: Duration = Duration::from_secs(30);
 /// Decisions remembered per record id (results are read ahead of frames).
 const DECISIONS_KEPT: usize = 50_000;
+/// Delays between tries of records that failed with a retriable error.
+const RETRY_MIN: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(30);
 
-/// A local offset: (topic, partition, offset).
-type Pos = (String, i32, i64);
+/// One local record on its way to the cloud: a result, or a frame (one record, or its chunks).
+struct Batch {
+    /// Order of first sending: retries go in this order.
+    seq: u64,
+    records: Vec<Record>,
+    /// Per record, whether the cloud acknowledged it; a retry sends only the others.
+    acked: Vec<bool>,
+    /// The local positions that are done once the batch is.
+    positions: Vec<Pos>,
+    /// When the local broker stored it (a result's timestamp), for the replication latency.
+    stored_ms: Option<i64>,
+    /// Tries so far after the first.
+    retries: u32,
+    /// Once refused for good: the dead letter for the local broker, sent instead of `records`.
+    letter: Option<Letter>,
+}
 
-/// A record on its way to the cloud.
-struct Out {
-    topic: String,
-    key: String,
-    headers: Vec<(String, String)>,
-    value: Vec<u8>,
+struct Letter {
+    record: Record,
+    /// The metric label (`too-large`, `not-authorized`, `invalid`).
+    reason: &'static str,
+}
+
+/// What a delivery task reports back to the loop.
+struct Report {
+    batch: Batch,
+    /// The cloud producer the records went through (see [`Replicator::rebuild`]).
+    generation: u64,
+    /// Records handed to a producer (counted in flight until this report).
+    handed: usize,
+    /// The first record not acknowledged, by index, and why.
+    error: Option<(usize, KafkaError)>,
+    /// The error came from handing a record over (reading was held until this report).
+    enqueue_failed: bool,
 }
 
 /// A frame read before the result that decides it.
@@ -75,17 +120,31 @@ pub struct Replicator {
     local_results: String,
     stats: Arc<Stats>,
     producer: FutureProducer,
+    /// Bumped by every rebuild of `producer`.
+    generation: u64,
+    /// The local broker's producer, for the uplink dead letters.
+    local: FutureProducer,
+    /// The cloud's record limit (`uplink.record_limit_bytes`) and the local one.
+    limit: RecordLimit,
+    local_limit: RecordLimit,
+    deadletter_topic: String,
     bucket: TokenBucket,
     selector: FrameSelector,
     decisions: HashMap<String, bool>,
     decision_order: VecDeque<String>,
     tracker: OffsetTracker,
-    chunks: Aggregator,
-    /// Local positions of the chunks of frames being reassembled, by frame id.
-    chunk_positions: HashMap<String, Vec<Pos>>,
+    reassembly: Reassembly,
     waiting: Option<Waiting>,
-    in_flight: Arc<std::sync::atomic::AtomicUsize>,
-    acks: UnboundedSender<Vec<Pos>>,
+    next_seq: u64,
+    /// Records handed to a producer and not yet reported on.
+    in_flight: usize,
+    /// Batches waiting for their next try, by `seq`; nothing new is read while there are any.
+    retries: BTreeMap<u64, Batch>,
+    retry_at: Option<tokio::time::Instant>,
+    backoff: Backoff,
+    /// Batches whose hand-over failed and whose report has not come back yet.
+    unreported_failures: usize,
+    reports: UnboundedSender<Report>,
 }
 
 /// Consumer context that keeps partition-end notices (asked for with `enable.partition.eof`, to
@@ -173,6 +232,7 @@ pub async fn local_consumer(
 }
 
 fn cloud_producer(cfg: &UplinkConfig, node_id: &str) -> anyhow::Result<FutureProducer> {
+    let limit = RecordLimit::new(cfg.record_limit_bytes);
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &cfg.brokers)
         .set("client.id", format!("fovea-uplink-{node_id}"))
@@ -180,10 +240,10 @@ fn cloud_producer(cfg: &UplinkConfig, node_id: &str) -> anyhow::Result<FuturePro
         .set("compression.type", &cfg.compression)
         // Hours offline are normal: never give up on a record.
         .set("message.timeout.ms", "0")
-        .set(
-            "message.max.bytes",
-            (cfg.record_limit_bytes + 4096).to_string(),
-        )
+        .set("message.max.bytes", limit.producer_max_bytes().to_string())
+        // A batch of records each under the cloud's limit must not exceed it together (the
+        // broker checks the batch): librdkafka's default is 1 MB.
+        .set("batch.size", limit.bytes().min(1_000_000).to_string())
         .set("reconnect.backoff.ms", "500")
         .set("reconnect.backoff.max.ms", "30000")
         .set("log.connection.close", "false");
@@ -207,6 +267,43 @@ fn cloud_producer(cfg: &UplinkConfig, node_id: &str) -> anyhow::Result<FuturePro
         .map_err(|e| anyhow::anyhow!("cloud producer for {}: {e}", cfg.brokers))
 }
 
+/// The uplink's reading of a producer error: [`records::classify`], except that a cloud topic
+/// that does not exist (yet) is retried. fovea does not create the cloud's topics; the cloud's
+/// operator may, and waiting for them loses nothing.
+fn refusal(error: &KafkaError) -> Refusal {
+    match error {
+        KafkaError::MessageProduction(
+            RDKafkaErrorCode::UnknownTopicOrPartition
+            | RDKafkaErrorCode::UnknownTopic
+            | RDKafkaErrorCode::UnknownPartition,
+        ) => Refusal::Retriable,
+        other => records::classify(other),
+    }
+}
+
+/// The `reason` label of a permanent refusal.
+fn refusal_reason(error: &KafkaError) -> &'static str {
+    use RDKafkaErrorCode::*;
+    match error {
+        KafkaError::MessageProduction(
+            MessageSizeTooLarge | InvalidMessageSize | MessageBatchTooLarge,
+        ) => "too-large",
+        KafkaError::MessageProduction(TopicAuthorizationFailed | ClusterAuthorizationFailed) => {
+            "not-authorized"
+        }
+        _ => "invalid",
+    }
+}
+
+/// `kafka:topic/partition@offset[,offset...]` of the local records a dead letter is about.
+fn source_of(positions: &[Pos]) -> String {
+    let Some((topic, partition, _)) = positions.first() else {
+        return String::new();
+    };
+    let offsets: Vec<String> = positions.iter().map(|(_, _, o)| o.to_string()).collect();
+    format!("kafka:{topic}/{partition}@{}", offsets.join(","))
+}
+
 /// Runs the uplink until `shutdown` turns true.
 pub async fn run(
     cfg: Config,
@@ -214,13 +311,42 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let group = cfg.uplink_group();
-    let (results, results_partitions) =
-        local_consumer(&cfg, &group, &cfg.kafka.topics.results, stats.clone()).await?;
-    let (frames, _) = local_consumer(&cfg, &group, &cfg.kafka.topics.frames, stats.clone()).await?;
-    let (acks_tx, mut acks) = unbounded_channel();
+    // Waits for the local broker (and its topics); a shutdown meanwhile ends the uplink.
+    let connect = async {
+        let results =
+            local_consumer(&cfg, &group, &cfg.kafka.topics.results, stats.clone()).await?;
+        let (frames, _) =
+            local_consumer(&cfg, &group, &cfg.kafka.topics.frames, stats.clone()).await?;
+        crate::outbox::topics::ensure(
+            &cfg.kafka,
+            &[&cfg.uplink.deadletter_topic],
+            Duration::from_secs(24 * 3600),
+        )
+        .await
+        .context("creating the uplink dead-letter topic")?;
+        anyhow::Ok((results, frames))
+    };
+    let ((results, results_partitions), frames) = tokio::select! {
+        connected = connect => connected?,
+        _ = shutdown.changed() => return Ok(()),
+    };
     let u = cfg.uplink.clone();
+    // No time-out: a dead letter waits for the local broker like the checkpoint does.
+    let local = producer::client_config(
+        &cfg.kafka,
+        &format!("fovea-uplink-deadletter-{}", cfg.node_id()),
+        0,
+    )
+    .create()
+    .context("local producer for uplink dead letters")?;
+    let (reports_tx, mut reports) = unbounded_channel();
     let mut r = Replicator {
         producer: cloud_producer(&u, &cfg.node_id())?,
+        generation: 0,
+        local,
+        limit: RecordLimit::new(u.record_limit_bytes),
+        local_limit: RecordLimit::new(cfg.kafka.record_limit_bytes),
+        deadletter_topic: u.deadletter_topic.clone(),
         bucket: TokenBucket::new(
             u.bandwidth_bytes_per_sec,
             (u.bandwidth_bytes_per_sec / 4).max(64 << 10),
@@ -232,33 +358,41 @@ pub async fn run(
         decisions: HashMap::new(),
         decision_order: VecDeque::new(),
         tracker: OffsetTracker::default(),
-        chunks: Aggregator::new(Limits {
+        reassembly: Reassembly::new(Limits {
             max_frame_bytes: 256 << 20,
             max_frames_in_flight: 16,
             max_bytes_in_flight: 512 << 20,
             timeout: Duration::from_secs(120),
         }),
-        chunk_positions: HashMap::new(),
         waiting: None,
-        in_flight: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
-        acks: acks_tx,
+        next_seq: 0,
+        in_flight: 0,
+        retries: BTreeMap::new(),
+        retry_at: None,
+        backoff: Backoff::new(RETRY_MIN, RETRY_MAX),
+        unreported_failures: 0,
+        reports: reports_tx,
         cfg: u,
     };
     log::info!(
-        "uplink: replicating {} (and frames by rule) to {} as group {group}",
+        "uplink: replicating {} (and frames by rule) to {} as group {group}; refusals to {}",
         r.local_results,
-        r.cfg.brokers
+        r.cfg.brokers,
+        r.deadletter_topic
     );
     let mut at_end: HashSet<i32> = HashSet::new();
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     let mut last_log = Instant::now();
     loop {
-        let room = r.in_flight.load(Ordering::Relaxed) < r.cfg.max_in_flight;
+        let room = r.in_flight < r.cfg.max_in_flight && r.may_read();
         let results_caught_up = at_end.len() >= results_partitions;
+        let retry_at = r.retry_at;
         tokio::select! {
             biased;
             _ = shutdown.changed() => break,
-            Some(done) = acks.recv() => done.into_iter().for_each(|(t, p, o)| r.tracker.done(&t, p, o)),
+            Some(report) = reports.recv() => r.on_report(report).await,
+            _ = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)),
+                if retry_at.is_some() => r.retry().await,
             msg = results.recv(), if room => match msg {
                 Ok(m) => {
                     at_end.remove(&m.partition());
@@ -284,14 +418,19 @@ pub async fn run(
             }
         }
     }
-    // Give what is in flight a moment to reach the cloud, then checkpoint what did; the rest
-    // is sent again after the restart.
-    let producer = r.producer.clone();
-    let _ = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(5))).await;
+    // Give what is in flight a moment to reach the cloud (and the dead letters the local
+    // broker), then checkpoint what did; the rest is sent again after the restart.
+    let (cloud, local) = (r.producer.clone(), r.local.clone());
+    let _ = tokio::task::spawn_blocking(move || {
+        let _ = cloud.flush(Duration::from_secs(5));
+        let _ = local.flush(Duration::from_secs(2));
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(50)).await;
-    while let Ok(done) = acks.try_recv() {
-        done.into_iter()
-            .for_each(|(t, p, o)| r.tracker.done(&t, p, o));
+    while let Ok(report) = reports.try_recv() {
+        if report.error.is_none() {
+            r.delivered(report.batch);
+        }
     }
     commit(
         &r.tracker.committable(),
@@ -323,66 +462,64 @@ fn commit(positions: &[Pos], results_topic: &str, results: &LocalConsumer, frame
     }
 }
 
-fn headers_of(m: &BorrowedMessage<'_>) -> Vec<(String, String)> {
-    m.headers()
-        .map(|hs| {
-            hs.iter()
-                .map(|x| {
-                    (
-                        x.key.to_string(),
-                        String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned(),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    headers
-        .iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.as_str())
+fn position(m: &BorrowedMessage<'_>) -> Pos {
+    (m.topic().to_string(), m.partition(), m.offset())
 }
 
 impl Replicator {
+    /// Nothing new is read while a failed batch waits for its retry (or its report): a camera's
+    /// later records must not overtake it.
+    fn may_read(&self) -> bool {
+        self.retries.is_empty() && self.unreported_failures == 0
+    }
+
     async fn on_result(&mut self, m: &BorrowedMessage<'_>) {
-        let pos = (m.topic().to_string(), m.partition(), m.offset());
+        let pos = position(m);
         self.tracker.started(&pos.0, pos.1, pos.2);
-        let value = m.payload().unwrap_or_default().to_vec();
-        if let Ok(result) = InferenceResult::decode(value.as_slice()) {
+        let mut record = Record::from_message(m);
+        if let Ok(result) = InferenceResult::decode(record.value.as_slice()) {
             let send = matches!(self.selector.decide(&result, Instant::now()), Verdict::Send);
             self.remember(result.record_id, send);
         }
-        let out = Out {
-            topic: self.cfg.results_topic.clone(),
-            key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
-            headers: self.with_edge(headers_of(m)),
-            value,
-        };
+        record.topic = self.cfg.results_topic.clone();
+        record.set_header(EDGE_NODE, self.node_id.clone());
+        let size = record.size();
+        let over = !self.limit.fits(&record);
+        let batch = self.batch(vec![record], vec![pos], m.timestamp().to_millis());
+        if over {
+            let detail = format!(
+                "result record of {size} bytes exceeds uplink.record_limit_bytes ({} bytes, less \
+                 {FRAMING_ALLOWANCE} for framing); not sent",
+                self.limit.bytes()
+            );
+            let rec = &batch.records[0];
+            let letter = self.letter(
+                rec.record_id().unwrap_or_default(),
+                &rec.key,
+                &rec.value,
+                &batch.positions,
+                "too-large",
+                &detail,
+            );
+            return self.refuse(batch, letter).await;
+        }
         Stats::incr(&self.stats.uplink_results);
-        let stored_ms = m.timestamp().to_millis();
-        self.send(vec![out], vec![pos], stored_ms).await;
+        self.send(batch).await;
     }
 
     async fn on_frame(&mut self, m: &BorrowedMessage<'_>) {
-        let pos = (m.topic().to_string(), m.partition(), m.offset());
+        let pos = position(m);
         self.tracker.started(&pos.0, pos.1, pos.2);
-        let headers = headers_of(m);
-        let value = m.payload().unwrap_or_default();
-        match header(&headers, h::SCHEMA) {
-            Some(h::SCHEMA_FRAME) => match Frame::decode(value) {
+        let record = Record::from_message(m);
+        match record.kind {
+            RecordKind::Frame => match Frame::decode(record.value.as_slice()) {
                 Ok(frame) => self.decide_frame(frame, vec![pos]).await,
                 Err(_) => self.skip(vec![pos], "undecodable"),
             },
-            Some(h::SCHEMA_FRAME_CHUNK) => match FrameChunk::decode(value) {
+            RecordKind::FrameChunk => match FrameChunk::decode(record.value.as_slice()) {
                 Ok(chunk) => {
-                    self.chunk_positions
-                        .entry(chunk.frame_id.clone())
-                        .or_default()
-                        .push(pos);
-                    let outcomes = self.chunks.push(chunk, Instant::now());
-                    self.on_chunk_outcomes(outcomes).await;
+                    let events = self.reassembly.push(chunk, pos, Instant::now());
+                    self.on_chunk_events(events).await;
                 }
                 Err(_) => self.skip(vec![pos], "undecodable"),
             },
@@ -390,23 +527,22 @@ impl Replicator {
         }
     }
 
-    async fn on_chunk_outcomes(&mut self, outcomes: Vec<Outcome>) {
-        for outcome in outcomes {
-            match outcome {
-                Outcome::Complete(done) => {
-                    let positions = self
-                        .chunk_positions
-                        .remove(&done.frame_id)
-                        .unwrap_or_default();
-                    match Frame::decode(done.payload) {
-                        Ok(frame) => self.decide_frame(frame, positions).await,
-                        Err(_) => self.skip(positions, "undecodable"),
-                    }
-                }
-                Outcome::Incomplete { frame_id, .. } | Outcome::Rejected { frame_id, .. } => {
-                    let positions = self.chunk_positions.remove(&frame_id).unwrap_or_default();
-                    log::warn!("uplink: frame {frame_id} could not be reassembled; not replicated");
+    async fn on_chunk_events(&mut self, events: Vec<Event>) {
+        for event in events {
+            match event {
+                Event::Complete { payload, positions } => match Frame::decode(payload) {
+                    Ok(frame) => self.decide_frame(frame, positions).await,
+                    Err(_) => self.skip(positions, "undecodable"),
+                },
+                Event::Dropped { positions, why } => {
+                    log::warn!("uplink: {why}; not replicated");
                     self.skip(positions, "incomplete");
+                }
+                Event::Late {
+                    position: (t, p, o),
+                } => {
+                    log::debug!("uplink: {t}/{p}@{o} is a chunk of a finished frame; skipped");
+                    self.tracker.done(&t, p, o);
                 }
             }
         }
@@ -432,7 +568,7 @@ impl Replicator {
     }
 
     async fn send_frame(&mut self, mut frame: Frame, positions: Vec<Pos>) {
-        let mut extra = Vec::new();
+        let mut extra = vec![(EDGE_NODE.to_string(), self.node_id.clone())];
         let side = self.cfg.frames.thumbnail_max_side;
         if side > 0 && !frame.data.is_empty() {
             match thumbnail(&frame.data, side, 85) {
@@ -452,77 +588,25 @@ impl Replicator {
                 }
             }
         }
-        let mut headers = vec![
-            (
-                h::CONTENT_TYPE.to_string(),
-                h::CONTENT_TYPE_PROTOBUF.to_string(),
-            ),
-            (h::SCHEMA.to_string(), h::SCHEMA_FRAME.to_string()),
-            (h::RECORD_ID.to_string(), frame.record_id.clone()),
-            (h::NODE.to_string(), frame.node_id.clone()),
-            (h::CAMERA.to_string(), frame.camera_id.clone()),
-            (h::IMAGE_TYPE.to_string(), frame.content_type.clone()),
-        ];
-        headers.extend(extra);
-        let value = frame.encode_to_vec();
-        let limit = self.cfg.record_limit_bytes.saturating_sub(4096);
-        let outs = if value.len() <= limit {
-            headers.push((
-                h::SIZE_POLICY.to_string(),
-                if frame.claim.is_some() {
-                    "claim-check"
-                } else {
-                    "inline"
-                }
-                .into(),
-            ));
-            vec![Out {
-                topic: self.cfg.frames_topic.clone(),
-                key: frame.camera_id.clone(),
-                headers: self.with_edge(headers),
-                value,
-            }]
-        } else {
-            match chunks::split(
-                &frame.record_id,
-                &frame.camera_id,
-                h::SCHEMA_FRAME,
-                &Default::default(),
-                &value,
-                limit,
-            ) {
-                Ok(pieces) => {
-                    let count = pieces.len();
-                    pieces
-                        .into_iter()
-                        .map(|c| {
-                            let mut hs = headers.clone();
-                            hs[1].1 = h::SCHEMA_FRAME_CHUNK.to_string();
-                            hs.push((h::SIZE_POLICY.to_string(), "chunked".into()));
-                            hs.push((chunks::HEADER_CHUNK_INDEX.to_string(), c.index.to_string()));
-                            hs.push((chunks::HEADER_CHUNK_COUNT.to_string(), count.to_string()));
-                            Out {
-                                topic: self.cfg.frames_topic.clone(),
-                                key: frame.camera_id.clone(),
-                                headers: self.with_edge(hs),
-                                value: c.encode_to_vec(),
-                            }
-                        })
-                        .collect()
-                }
-                Err(e) => {
-                    log::error!("uplink: cannot chunk {}: {e}", frame.record_id);
-                    return self.skip(positions, "unsendable");
-                }
+        match records::frame_records(&frame, &self.cfg.frames_topic, &extra, self.limit, true) {
+            Ok(out) => {
+                Stats::incr(&self.stats.uplink_frames);
+                let batch = self.batch(out.records, positions, None);
+                self.send(batch).await;
             }
-        };
-        Stats::incr(&self.stats.uplink_frames);
-        self.send(outs, positions, None).await;
-    }
-
-    fn with_edge(&self, mut headers: Vec<(String, String)>) -> Vec<(String, String)> {
-        headers.push((EDGE_NODE.to_string(), self.node_id.clone()));
-        headers
+            Err(e) => {
+                let letter = self.letter(
+                    &frame.record_id,
+                    &frame.camera_id,
+                    &frame.encode_to_vec(),
+                    &positions,
+                    "too-large",
+                    &format!("{e} (uplink.record_limit_bytes); not sent"),
+                );
+                let batch = self.batch(Vec::new(), positions, None);
+                self.refuse(batch, letter).await;
+            }
+        }
     }
 
     fn skip(&mut self, positions: Vec<Pos>, why: &str) {
@@ -544,90 +628,271 @@ impl Replicator {
         }
     }
 
-    /// Waits for bandwidth, hands the records to the cloud producer, and reports `positions`
-    /// done once every one of them is acknowledged. `stored_ms` is when the record reached the
-    /// local broker (its timestamp), for the replication latency.
-    async fn send(&mut self, outs: Vec<Out>, positions: Vec<Pos>, stored_ms: Option<i64>) {
-        let mut futures = Vec::with_capacity(outs.len());
-        for out in &outs {
-            let bytes = out.key.len()
-                + out.value.len()
-                + out
-                    .headers
-                    .iter()
-                    .map(|(k, v)| k.len() + v.len())
-                    .sum::<usize>();
-            let wait = self.bucket.take(bytes as u64, Instant::now());
-            if !wait.is_zero() {
-                tokio::time::sleep(wait).await;
+    fn batch(
+        &mut self,
+        records: Vec<Record>,
+        positions: Vec<Pos>,
+        stored_ms: Option<i64>,
+    ) -> Batch {
+        self.next_seq += 1;
+        Batch {
+            seq: self.next_seq,
+            acked: vec![false; records.len()],
+            records,
+            positions,
+            stored_ms,
+            retries: 0,
+            letter: None,
+        }
+    }
+
+    /// The uplink dead letter for a record refused for good: its evidence, not its payload.
+    fn letter(
+        &self,
+        record_id: &str,
+        camera: &str,
+        value: &[u8],
+        positions: &[Pos],
+        reason: &'static str,
+        detail: &str,
+    ) -> Letter {
+        let letter = DeadLetter {
+            record_id: record_id.to_string(),
+            node_id: self.node_id.clone(),
+            camera_id: camera.to_string(),
+            source: source_of(positions),
+            kind: REFUSED_KIND.into(),
+            reason: format!("{reason}: {detail}"),
+            payload_size: value.len() as u64,
+            payload_sha256: hex::encode(Sha256::digest(value)),
+            payload: Default::default(),
+            payload_truncated: true,
+            received_at_ms: crate::job::now_ms(),
+        };
+        Letter {
+            record: records::fit_dead_letter(&letter, &self.deadletter_topic, self.local_limit),
+            reason,
+        }
+    }
+
+    /// Gives up on `batch` for good: its dead letter goes to the local broker, and its positions
+    /// are done once that is acknowledged.
+    async fn refuse(&mut self, mut batch: Batch, letter: Letter) {
+        log::error!(
+            "uplink: {} refused for good; recorded in {} ({})",
+            batch
+                .records
+                .first()
+                .and_then(Record::record_id)
+                .unwrap_or("a frame"),
+            self.deadletter_topic,
+            DeadLetter::decode(letter.record.value.as_slice())
+                .map(|l| l.reason)
+                .unwrap_or_default()
+        );
+        batch.letter = Some(letter);
+        self.send(batch).await;
+    }
+
+    /// Waits for bandwidth and hands the batch's unacknowledged records to the cloud producer (or
+    /// its dead letter to the local one); a task reports back when each was acknowledged or one
+    /// failed.
+    async fn send(&mut self, batch: Batch) {
+        let mut handed = Vec::with_capacity(batch.records.len());
+        let mut error = None;
+        if let Some(letter) = &batch.letter {
+            match enqueue(&self.local, &letter.record).await {
+                Ok(f) => handed.push((0, f)),
+                Err(e) => error = Some((0, e)),
             }
-            let record = Record {
-                kind: RecordKind::Result,
-                topic: out.topic.clone(),
-                key: out.key.clone(),
-                headers: out.headers.clone(),
-                value: out.value.clone(),
-            };
-            match enqueue(&self.producer, &record).await {
-                Ok(f) => {
-                    self.stats
-                        .uplink_bytes
-                        .fetch_add(bytes as u64, Ordering::Relaxed);
-                    futures.push(f);
+        } else {
+            for (i, record) in batch.records.iter().enumerate() {
+                if batch.acked[i] {
+                    continue;
                 }
-                Err(e) => log::error!(
-                    "uplink: record for {} refused by the producer: {e}",
-                    out.key
-                ),
+                let bytes = record.size() as u64;
+                let wait = self.bucket.take(bytes, Instant::now());
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                }
+                match enqueue(&self.producer, record).await {
+                    Ok(f) => {
+                        self.stats.uplink_bytes.fetch_add(bytes, Ordering::Relaxed);
+                        handed.push((i, f));
+                    }
+                    Err(e) => {
+                        error = Some((i, e));
+                        break;
+                    }
+                }
             }
         }
-        self.in_flight.fetch_add(futures.len(), Ordering::Relaxed);
-        let (in_flight, acks, stats) = (
-            self.in_flight.clone(),
-            self.acks.clone(),
-            self.stats.clone(),
-        );
+        let enqueue_failed = error.is_some();
+        if enqueue_failed {
+            self.unreported_failures += 1;
+        }
+        self.in_flight += handed.len();
+        let (reports, stats, generation) =
+            (self.reports.clone(), self.stats.clone(), self.generation);
         tokio::spawn(async move {
-            let n = futures.len();
-            for f in futures {
-                match f.await {
-                    Ok(Ok(_)) => {
+            let mut batch = batch;
+            let n = handed.len();
+            let mut failed = None;
+            for (i, delivery) in handed {
+                let outcome = match delivery.await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err((e, _))) => Err(e),
+                    // The producer is gone (rebuilt, or shutting down): not delivered.
+                    Err(_) => Err(KafkaError::Canceled),
+                };
+                match outcome {
+                    Ok(()) if batch.letter.is_none() => {
+                        batch.acked[i] = true;
                         Stats::incr(&stats.uplink_acked);
                     }
-                    // Purged because the producer is closing: not in the cloud, so not done; it
-                    // is sent again after the restart.
-                    Ok(Err((
-                        KafkaError::MessageProduction(
-                            RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight,
-                        ),
-                        _,
-                    ))) => {
-                        in_flight.fetch_sub(n, Ordering::Relaxed);
-                        return;
-                    }
-                    Ok(Err((e, _))) => {
-                        Stats::incr(&stats.delivery_failures);
-                        log::error!("uplink: the cloud refused a record: {e}");
-                    }
-                    // The producer is gone (shutting down): not done, sent again after restart.
-                    Err(_) => {
-                        in_flight.fetch_sub(n, Ordering::Relaxed);
-                        return;
+                    Ok(()) => {}
+                    Err(e) => {
+                        failed.get_or_insert((i, e));
                     }
                 }
             }
-            in_flight.fetch_sub(n, Ordering::Relaxed);
-            if let Some(ms) = stored_ms {
-                let waited = crate::job::now_ms().saturating_sub(ms).max(0);
-                stats.record(Stage::Replication, Duration::from_millis(waited as u64));
-            }
-            let _ = acks.send(positions);
+            let _ = reports.send(Report {
+                batch,
+                generation,
+                handed: n,
+                error: failed.or(error),
+                enqueue_failed,
+            });
         });
     }
 
+    async fn on_report(&mut self, report: Report) {
+        let Report {
+            batch,
+            generation,
+            handed,
+            error,
+            enqueue_failed,
+        } = report;
+        self.in_flight -= handed;
+        if enqueue_failed {
+            self.unreported_failures -= 1;
+        }
+        let Some((index, error)) = error else {
+            return self.delivered(batch);
+        };
+        Stats::incr(&self.stats.delivery_failures);
+        if batch.letter.is_some() {
+            log::error!(
+                "uplink: the local broker did not take an uplink dead letter ({error}); retrying"
+            );
+            return self.hold(batch);
+        }
+        match refusal(&error) {
+            Refusal::Retriable => {
+                log::warn!("uplink: the cloud did not take a record ({error}); retrying");
+                self.hold(batch);
+            }
+            Refusal::Fatal => {
+                if generation == self.generation {
+                    self.rebuild(&error);
+                }
+                self.hold(batch);
+            }
+            Refusal::Permanent => {
+                let rec = &batch.records[index];
+                let count = batch.records.len();
+                let which = if count > 1 {
+                    format!("record {} of {count}", index + 1)
+                } else {
+                    "record".to_string()
+                };
+                let detail = format!(
+                    "the cloud refused the {which} ({} bytes) for {}: {error}",
+                    rec.size(),
+                    rec.topic
+                );
+                let letter = self.letter(
+                    rec.record_id().unwrap_or_default(),
+                    &rec.key,
+                    &rec.value,
+                    &batch.positions,
+                    refusal_reason(&error),
+                    &detail,
+                );
+                self.refuse(batch, letter).await;
+            }
+        }
+    }
+
+    /// Every record of `batch` acknowledged (or its dead letter): its positions are done.
+    fn delivered(&mut self, batch: Batch) {
+        if let Some(letter) = &batch.letter {
+            self.stats.uplink_refuse(letter.reason);
+        } else if let Some(ms) = batch.stored_ms {
+            let waited = crate::job::now_ms().saturating_sub(ms).max(0);
+            self.stats
+                .record(Stage::Replication, Duration::from_millis(waited as u64));
+        }
+        if batch.retries > 0 {
+            self.backoff.reset();
+        }
+        for (t, p, o) in batch.positions {
+            self.tracker.done(&t, p, o);
+        }
+    }
+
+    /// Keeps `batch` for the next try, after the backoff.
+    fn hold(&mut self, batch: Batch) {
+        self.retries.insert(batch.seq, batch);
+        if self.retry_at.is_none() {
+            let delay = self.backoff.next_delay();
+            log::info!(
+                "uplink: {} record batches wait {} ms for their next try",
+                self.retries.len(),
+                delay.as_millis()
+            );
+            self.retry_at = Some(tokio::time::Instant::now() + delay);
+        }
+    }
+
+    /// Sends the held batches again, oldest first.
+    async fn retry(&mut self) {
+        self.retry_at = None;
+        for (_, mut batch) in std::mem::take(&mut self.retries) {
+            batch.retries += 1;
+            self.send(batch).await;
+        }
+    }
+
+    /// Replaces the cloud producer after a fatal error (the idempotent producer refuses
+    /// everything from then on). Records still in the old one come back as failed and are sent
+    /// again through the new one.
+    fn rebuild(&mut self, error: &KafkaError) {
+        match cloud_producer(&self.cfg, &self.node_id) {
+            Ok(fresh) => {
+                log::error!(
+                    "uplink: the cloud producer failed fatally ({error}); rebuilt it, and \
+                     unacknowledged records are sent again"
+                );
+                let old = std::mem::replace(&mut self.producer, fresh);
+                self.generation += 1;
+                // Dropping purges and flushes for up to 500 ms: not on the async threads.
+                tokio::task::spawn_blocking(move || drop(old));
+            }
+            Err(e) => log::error!(
+                "uplink: the cloud producer failed fatally ({error}) and cannot be rebuilt: {e}"
+            ),
+        }
+    }
+
     async fn housekeeping(&mut self) {
-        let outcomes = self.chunks.expire(Instant::now());
-        self.on_chunk_outcomes(outcomes).await;
+        let events = self.reassembly.expire(Instant::now());
+        self.on_chunk_events(events).await;
+        // A frame that waited for its result goes only when it cannot overtake a retry.
+        if !self.may_read() {
+            return;
+        }
         if let Some(w) = self.waiting.take() {
             match self.decisions.get(&w.record_id) {
                 Some(true) => self.send_frame(w.frame, w.positions).await,
@@ -639,13 +904,71 @@ impl Replicator {
     }
 
     fn log_progress(&self) {
+        let refused: u64 = self
+            .stats
+            .uplink_refused
+            .lock()
+            .map(|m| m.values().sum())
+            .unwrap_or(0);
         log::info!(
-            "uplink: {} results and {} frames sent ({} bytes), {} frames filtered, {} records in flight",
+            "uplink: {} results and {} frames sent ({} bytes), {} frames filtered, {} refused, \
+             {} records in flight, {} batches waiting to be retried",
             Stats::get(&self.stats.uplink_results),
             Stats::get(&self.stats.uplink_frames),
             Stats::get(&self.stats.uplink_bytes),
             Stats::get(&self.stats.uplink_filtered),
-            self.in_flight.load(Ordering::Relaxed)
+            refused,
+            self.in_flight,
+            self.retries.len()
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use RDKafkaErrorCode::*;
+
+    fn produce(code: RDKafkaErrorCode) -> KafkaError {
+        KafkaError::MessageProduction(code)
+    }
+
+    #[test]
+    fn refusals_are_classified_for_the_uplink() {
+        for code in [QueueFull, BrokerTransportFailure, PurgeQueue, PurgeInflight] {
+            assert_eq!(refusal(&produce(code)), Refusal::Retriable, "{code:?}");
+        }
+        assert_eq!(refusal(&KafkaError::Canceled), Refusal::Retriable);
+        // The cloud's topics are not ours to create: a missing one is waited for.
+        for code in [UnknownTopicOrPartition, UnknownTopic, UnknownPartition] {
+            assert_eq!(refusal(&produce(code)), Refusal::Retriable, "{code:?}");
+        }
+        for code in [Fatal, OutOfOrderSequenceNumber, InvalidProducerEpoch] {
+            assert_eq!(refusal(&produce(code)), Refusal::Fatal, "{code:?}");
+        }
+        for (code, reason) in [
+            (MessageSizeTooLarge, "too-large"),
+            (InvalidMessageSize, "too-large"),
+            (TopicAuthorizationFailed, "not-authorized"),
+            (ClusterAuthorizationFailed, "not-authorized"),
+            (InvalidRecord, "invalid"),
+            (PolicyViolation, "invalid"),
+        ] {
+            assert_eq!(refusal(&produce(code)), Refusal::Permanent, "{code:?}");
+            assert_eq!(refusal_reason(&produce(code)), reason, "{code:?}");
+        }
+    }
+
+    #[test]
+    fn a_dead_letter_names_the_local_records() {
+        assert_eq!(source_of(&[]), "");
+        assert_eq!(
+            source_of(&[("fovea.results".into(), 0, 12)]),
+            "kafka:fovea.results/0@12"
+        );
+        assert_eq!(
+            source_of(&[("fovea.frames".into(), 2, 7), ("fovea.frames".into(), 2, 9)]),
+            "kafka:fovea.frames/2@7,9"
         );
     }
 }
