@@ -395,6 +395,23 @@ fn catching_up() -> Delivery {
     d
 }
 
+/// Catching up with spooled record `seq` (of `kind`) handed to the producer.
+fn draining_one(seq: Seq, kind: RecordKind) -> Delivery {
+    let mut d = catching_up();
+    tick(&mut d);
+    let batch = vec![(seq, record(kind, "a", 10))];
+    d.handle(Event::SpoolRead { batch }, true);
+    d
+}
+
+fn drain_failed(seq: Seq, refusal: Refusal, error: &str) -> Event {
+    Event::DrainFailed {
+        seq,
+        refusal,
+        error: error.into(),
+    }
+}
+
 fn drained(actions: &[Action]) -> Vec<(Seq, RecordKind)> {
     actions
         .iter()
@@ -478,22 +495,8 @@ fn new_frames_during_catch_up_go_through_the_spool_and_hold_the_switch_to_online
 
 #[test]
 fn a_spooled_record_refused_for_good_is_removed_only_after_its_dead_letter_is_acked() {
-    let mut d = catching_up();
-    tick(&mut d);
-    d.handle(
-        Event::SpoolRead {
-            batch: vec![(9, record(RecordKind::Result, "a", 10))],
-        },
-        true,
-    );
-    let out = d.handle(
-        Event::DrainFailed {
-            seq: 9,
-            refusal: Refusal::Permanent,
-            error: "too large".into(),
-        },
-        true,
-    );
+    let mut d = draining_one(9, RecordKind::Result);
+    let out = d.handle(drain_failed(9, Refusal::Permanent, "too large"), true);
     assert!(matches!(&out[0], Action::Refused { .. }));
     assert_eq!(drained(&out), [(9, RecordKind::DeadLetter)]);
     assert_eq!(d.mode(), Mode::CatchUp, "no flap to offline");
@@ -504,30 +507,9 @@ fn a_spooled_record_refused_for_good_is_removed_only_after_its_dead_letter_is_ac
 
 #[test]
 fn a_stand_in_that_fails_retriably_keeps_the_original_in_the_spool() {
-    let mut d = catching_up();
-    tick(&mut d);
-    d.handle(
-        Event::SpoolRead {
-            batch: vec![(9, record(RecordKind::Result, "a", 10))],
-        },
-        true,
-    );
-    d.handle(
-        Event::DrainFailed {
-            seq: 9,
-            refusal: Refusal::Permanent,
-            error: "x".into(),
-        },
-        true,
-    );
-    let out = d.handle(
-        Event::DrainFailed {
-            seq: 9,
-            refusal: Refusal::Retriable,
-            error: "away".into(),
-        },
-        true,
-    );
+    let mut d = draining_one(9, RecordKind::Result);
+    d.handle(drain_failed(9, Refusal::Permanent, "x"), true);
+    let out = d.handle(drain_failed(9, Refusal::Retriable, "away"), true);
     assert!(out.iter().any(|a| matches!(
         a,
         Action::ModeChanged {
@@ -563,14 +545,7 @@ fn a_record_that_keeps_failing_is_dead_lettered_after_bounded_tries_instead_of_f
             },
             true,
         );
-        let out = d.handle(
-            Event::DrainFailed {
-                seq: 5,
-                refusal: Refusal::Retriable,
-                error: "odd".into(),
-            },
-            true,
-        );
+        let out = d.handle(drain_failed(5, Refusal::Retriable, "odd"), true);
         if let Some(Action::Refused { .. }) = out.first() {
             assert_eq!(drained(&out), [(5, RecordKind::DeadLetter)]);
             break;
@@ -593,22 +568,8 @@ fn a_record_that_keeps_failing_is_dead_lettered_after_bounded_tries_instead_of_f
 
 #[test]
 fn a_fatal_drain_error_rebuilds_the_producer_and_goes_offline() {
-    let mut d = catching_up();
-    tick(&mut d);
-    d.handle(
-        Event::SpoolRead {
-            batch: vec![(5, record(RecordKind::Frame, "a", 10))],
-        },
-        true,
-    );
-    let out = d.handle(
-        Event::DrainFailed {
-            seq: 5,
-            refusal: Refusal::Fatal,
-            error: "fatal".into(),
-        },
-        true,
-    );
+    let mut d = draining_one(5, RecordKind::Frame);
+    let out = d.handle(drain_failed(5, Refusal::Fatal, "fatal"), true);
     assert!(out.contains(&Action::RebuildProducer));
     assert_eq!(d.mode(), Mode::Offline);
 }
