@@ -431,7 +431,14 @@ fn records_over_the_cloud_limit_are_dead_lettered_locally_and_the_rest_replicate
     create_topic(&cloud, "fovea.frames", &[("max.message.bytes", "100000")]);
     let uplink = "record_limit_bytes = 262144\ncompression = \"none\"";
     let frames = "enabled = true\nthumbnail_max_side = 64";
-    let node = Node::start(dir.path(), &config(&mqtt, &edge, &cloud, uplink, frames));
+    // mqtt.max_metadata_bytes raised from its 16 KiB default (to half the local 1 MiB record
+    // limit, the most it may be) so that a frame with 300 kB of metadata gets past the door.
+    let cfg = config(&mqtt, &edge, &cloud, uplink, frames).replacen(
+        "[mqtt]\n",
+        "[mqtt]\nmax_metadata_bytes = 524288\n",
+        1,
+    );
+    let node = Node::start(dir.path(), &cfg);
     let photos = small_jpegs();
     // Camera b's frame carries 300 kB of camera metadata: its result (which copies it) is over
     // the uplink's 256 KiB and is refused before it is sent; its frame record (a 64 px thumbnail

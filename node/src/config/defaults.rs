@@ -82,7 +82,7 @@ impl Default for MqttConfig {
             chunk_topics: vec!["cameras/+/chunks".into()],
             keep_alive_secs: 30,
             max_frame_bytes: 64 * 1024 * 1024,
-            max_metadata_bytes: 64 * 1024,
+            max_metadata_bytes: 16 * 1024,
             reconnect_min_ms: 250,
             reconnect_max_ms: 30_000,
         }
