@@ -240,6 +240,12 @@ impl Delivery {
         self.inflight_bytes
     }
 
+    /// Spooled records whose Kafka acknowledgement came since the last tick: to be removed (the
+    /// loop takes them at shutdown; otherwise each tick hands them out as [`Action::Remove`]).
+    pub fn take_removals(&mut self) -> Vec<Seq> {
+        std::mem::take(&mut self.to_remove)
+    }
+
     /// Handles one event. `draining_allowed` is false at shutdown: no new drain rounds.
     pub fn handle(&mut self, event: Event, draining_allowed: bool) -> Vec<Action> {
         let mut out = Vec::new();
@@ -544,8 +550,9 @@ impl Delivery {
     }
 
     fn on_tick(&mut self, now: Instant, draining_allowed: bool, out: &mut Vec<Action>) {
-        if !self.to_remove.is_empty() {
-            out.push(Action::Remove(std::mem::take(&mut self.to_remove)));
+        let removals = self.take_removals();
+        if !removals.is_empty() {
+            out.push(Action::Remove(removals));
         }
         if !self.unflushed.is_empty() && !self.flushing && !self.spooling {
             self.flushing = true;

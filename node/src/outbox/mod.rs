@@ -22,7 +22,7 @@ pub mod topics;
 use crate::config::SpoolConfig;
 use crate::job::{Done, JobMeta, now_ms};
 use crate::outbox::sequencer::Sequencer;
-use crate::records::{Record, RecordKind, classify};
+use crate::records::{Record, RecordKind, Refusal, classify};
 use crate::spool::{Appended, Spool, SpoolRecord};
 use crate::stats::{Stage, Stats};
 use delivery::{Action, Delivery, DeliveryConfig, Event, FrameId};
@@ -136,18 +136,11 @@ impl<P: Produce> Outbox<P> {
         if sequencer.held() > 0 {
             log::error!("{} finished frames never became writable", sequencer.held());
         }
-        // Removals the state has not handed out yet are made at the next start (a duplicate in
-        // Kafka with the same record id, never a loss).
-        let actions = delivery.handle(
-            Event::Tick {
-                now: Instant::now(),
-            },
-            false,
-        );
-        for action in actions {
-            if let Action::Remove(seqs) = action {
-                self.remove(&seqs);
-            }
+        // Drained records acknowledged since the last tick leave the spool now (were they left, the
+        // next start would send them again: a duplicate with the same record id, never a loss).
+        let removals = delivery.take_removals();
+        if !removals.is_empty() {
+            self.remove(&removals);
         }
         if let Err(e) = tokio::task::block_in_place(|| self.spool.flush()) {
             log::error!("spool flush at shutdown: {e}");
@@ -183,65 +176,31 @@ impl<P: Produce> Outbox<P> {
         for action in actions {
             match action {
                 Action::Produce { id, index, record } => {
-                    let reports = run.reports.clone();
-                    let (stats, class) = (self.stats.clone(), record.kind.class());
-                    match self.producer.enqueue(record).await {
-                        Ok(delivery) => {
-                            tokio::spawn(async move {
-                                let event = match delivery.await {
-                                    Ok(()) => {
-                                        Stats::incr(stats.delivered(class));
-                                        Event::Delivered { id, index }
-                                    }
-                                    Err(e) => {
-                                        Stats::incr(&stats.delivery_failures);
-                                        Event::Failed {
-                                            id,
-                                            index,
-                                            refusal: classify(&e),
-                                            error: e.to_string(),
-                                        }
-                                    }
-                                };
-                                let _ = reports.send(event);
-                            });
-                        }
-                        Err(e) => {
-                            Stats::incr(&self.stats.delivery_failures);
-                            let _ = reports.send(Event::Failed {
-                                id,
-                                index,
-                                refusal: classify(&e),
-                                error: e.to_string(),
-                            });
-                        }
-                    }
+                    self.produce(record, run, move |outcome| match outcome {
+                        Ok(()) => Event::Delivered { id, index },
+                        Err((refusal, error)) => Event::Failed {
+                            id,
+                            index,
+                            refusal,
+                            error,
+                        },
+                    })
+                    .await;
                 }
                 Action::ProduceDrained { seq, record } => {
-                    let reports = run.reports.clone();
-                    let (stats, class) = (self.stats.clone(), record.kind.class());
-                    let answer = match self.producer.enqueue(record).await {
-                        Ok(delivery) => delivery,
-                        Err(e) => Box::pin(async move { Err(e) }),
-                    };
-                    tokio::spawn(async move {
-                        let event = match answer.await {
-                            Ok(()) => {
-                                Stats::incr(stats.delivered(class));
-                                Stats::incr(&stats.drained);
-                                Event::DrainDelivered { seq }
-                            }
-                            Err(e) => {
-                                Stats::incr(&stats.delivery_failures);
-                                Event::DrainFailed {
-                                    seq,
-                                    refusal: classify(&e),
-                                    error: e.to_string(),
-                                }
-                            }
-                        };
-                        let _ = reports.send(event);
-                    });
+                    let stats = self.stats.clone();
+                    self.produce(record, run, move |outcome| match outcome {
+                        Ok(()) => {
+                            Stats::incr(&stats.drained);
+                            Event::DrainDelivered { seq }
+                        }
+                        Err((refusal, error)) => Event::DrainFailed {
+                            seq,
+                            refusal,
+                            error,
+                        },
+                    })
+                    .await;
                 }
                 Action::Spool(frames) => {
                     let event = self.spool_frames(frames, run);
@@ -328,6 +287,35 @@ impl<P: Produce> Outbox<P> {
                 }
             }
         }
+    }
+
+    /// Hands `record` to the producer and reports the broker's answer (or the producer's refusal
+    /// at once) as the event `report` makes of it, counting deliveries and failures.
+    async fn produce(
+        &mut self,
+        record: Arc<Record>,
+        run: &Run,
+        report: impl FnOnce(Result<(), (Refusal, String)>) -> Event + Send + 'static,
+    ) {
+        let (reports, stats, class) =
+            (run.reports.clone(), self.stats.clone(), record.kind.class());
+        let answer = match self.producer.enqueue(record).await {
+            Ok(delivery) => delivery,
+            Err(e) => Box::pin(async move { Err(e) }),
+        };
+        tokio::spawn(async move {
+            let outcome = match answer.await {
+                Ok(()) => {
+                    Stats::incr(stats.delivered(class));
+                    Ok(())
+                }
+                Err(e) => {
+                    Stats::incr(&stats.delivery_failures);
+                    Err((classify(&e), e.to_string()))
+                }
+            };
+            let _ = reports.send(report(outcome));
+        });
     }
 
     /// Appends frames to the spool, each as one unit, in order, until one is refused or fails;

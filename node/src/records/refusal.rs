@@ -41,7 +41,6 @@ impl Refusal {
 pub fn classify(error: &KafkaError) -> Refusal {
     match error {
         KafkaError::MessageProduction(code) | KafkaError::Global(code) => classify_code(*code),
-        KafkaError::Canceled => Refusal::Retriable,
         _ => Refusal::Retriable,
     }
 }

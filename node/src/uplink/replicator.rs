@@ -48,7 +48,6 @@ use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::FutureProducer;
 use rdkafka::producer::Producer;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -664,7 +663,7 @@ impl Replicator {
             kind: REFUSED_KIND.into(),
             reason: format!("{reason}: {detail}"),
             payload_size: value.len() as u64,
-            payload_sha256: hex::encode(Sha256::digest(value)),
+            payload_sha256: crate::job::sha256_hex(value),
             payload: Default::default(),
             payload_truncated: true,
             received_at_ms: crate::job::now_ms(),
