@@ -151,6 +151,9 @@ fn readiness_follows_the_local_broker_and_the_spool_shows_the_backlog() {
     eventually(WAIT, "ready", || {
         (node.http_get("/readyz").0 == 200).then_some(())
     });
+    // Frame 1 may have come before the first probe reached the broker, and so through the spool:
+    // let it drain first, so that what the spool holds below is the outage's frames alone.
+    wait_metric(&node, "fovea_spool_records{class=\"result\"}", 0.0);
 
     kafka.stop();
     publish(
