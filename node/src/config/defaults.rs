@@ -66,6 +66,7 @@ impl Default for LogConfig {
         Self {
             level: "info".into(),
             modules: Default::default(),
+            disk_budget_bytes: 64 << 20,
         }
     }
 }
@@ -101,6 +102,20 @@ impl Default for KafkaConfig {
             record_limit_bytes: 1024 * 1024,
             linger_ms: 5,
             producer: Default::default(),
+            retention: RetentionConfig::default(),
+            // What the packaged fovea-kafka.service uses (StateDirectory=fovea-kafka).
+            data_dir: PathBuf::from("/var/lib/fovea-kafka"),
+        }
+    }
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            correct_existing: true,
+            frames: Default::default(),
+            results: Default::default(),
+            dead_letters: Default::default(),
         }
     }
 }
@@ -143,6 +158,7 @@ impl Default for UplinkConfig {
             deadletter_topic: "fovea.uplink-deadletter".into(),
             compression: "zstd".into(),
             max_in_flight: 256,
+            retention_warn_share: 0.8,
             security: UplinkSecurity::default(),
             frames: Default::default(),
         }
@@ -172,7 +188,7 @@ impl Default for LargeFramesConfig {
             max_chunked_uploads: 8,
             chunk_timeout_ms: 30_000,
             store_dir: PathBuf::new(),
-            store_max_bytes: 10 << 30,
+            store_max_bytes: 4 << 30,
             retention_hours: 72,
             http_listen: "127.0.0.1:8088".into(),
             public_url: String::new(),

@@ -121,6 +121,22 @@ mod tests {
         }
     }
 
+    /// A retention table that names one key keeps its class's defaults for the others (not
+    /// Kafka's, which would make the frames unbounded).
+    #[test]
+    fn a_partial_retention_table_keeps_its_class_defaults() {
+        let config = load_env("[kafka.retention.frames]\nretention_ms = 3600000\n", &[]).unwrap();
+        let frames = config.kafka.retention.frames.settings();
+        let default = Config::default().kafka.retention.frames.settings();
+        assert_eq!(frames.retention_ms, 3_600_000);
+        assert_eq!(frames.retention_bytes, default.retention_bytes);
+        assert_eq!(frames.segment_bytes, default.segment_bytes);
+        assert_ne!(
+            config.kafka.retention.results.retention_ms,
+            frames.retention_ms
+        );
+    }
+
     #[test]
     fn empty_config_is_the_default() {
         assert_eq!(load_env("", &[]).unwrap(), Config::default());

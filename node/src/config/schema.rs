@@ -59,6 +59,10 @@ pub struct LogConfig {
     pub level: String,
     /// Per-module levels, e.g. `{ "fovea::ingress" = "debug", "rdkafka" = "warn" }`.
     pub modules: std::collections::BTreeMap<String, String>,
+    /// What fovea's logs may take on disk, counted in the disk budget (`fovea validate`). fovea
+    /// logs to the journal, so journald enforces it (`SystemMaxUse=`); this is the share the
+    /// budget reserves for it.
+    pub disk_budget_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -106,6 +110,188 @@ pub struct KafkaConfig {
     pub linger_ms: u64,
     /// Extra librdkafka producer properties, passed through as they are.
     pub producer: std::collections::BTreeMap<String, String>,
+    /// How long the local broker keeps each class of fovea's topics.
+    pub retention: RetentionConfig,
+    /// Folder of the local broker's data on this box, for the disk budget and `/metrics`
+    /// (`/var/lib/fovea-kafka` for the packaged `fovea-kafka.service`). Empty = the broker is not
+    /// on this box's disks.
+    pub data_dir: PathBuf,
+}
+
+/// Retention of the topics fovea writes on the local broker, per class of topic. Set when fovea
+/// creates a topic, and checked at every start on topics that exist (corrected when
+/// `correct_existing` is on and the broker allows it). Frames are big and replaced by newer
+/// ones; results are small and what the cloud must not miss, so they are kept longer.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct RetentionConfig {
+    /// Whether fovea changes the retention of an existing topic that differs from this table
+    /// (off: it only warns, for clusters whose topics another team manages).
+    pub correct_existing: bool,
+    /// `kafka.topics.frames` (images and their chunks).
+    pub frames: FramesRetention,
+    /// `kafka.topics.results`.
+    pub results: ResultsRetention,
+    /// `kafka.topics.deadletter` and `uplink.deadletter_topic`.
+    pub dead_letters: DeadLettersRetention,
+}
+
+const HOUR_MS: i64 = 3_600_000;
+const MIB: i64 = 1 << 20;
+
+/// Sized for a 32 GB box at 25 frames/s of 60 KB (1.5 MB/s of frames): frames are capped by size
+/// (3 partitions x 1 GiB: about 35 min at that rate, hours at a few frames/s), results (about
+/// 1 KB each, 2 GB a day) by time and size; dead letters are rare.
+pub type FramesRetention = TopicRetention<FramesDefaults>;
+pub type ResultsRetention = TopicRetention<ResultsDefaults>;
+pub type DeadLettersRetention = TopicRetention<DeadLettersDefaults>;
+
+/// A class's default retention: the type parameter of [`TopicRetention`].
+pub trait ClassDefaults {
+    const DEFAULT: Retention;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FramesDefaults;
+impl ClassDefaults for FramesDefaults {
+    const DEFAULT: Retention = Retention {
+        retention_ms: 6 * HOUR_MS,
+        retention_bytes: 1024 * MIB,
+        segment_bytes: 64 * MIB,
+    };
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResultsDefaults;
+impl ClassDefaults for ResultsDefaults {
+    const DEFAULT: Retention = Retention {
+        retention_ms: 72 * HOUR_MS,
+        retention_bytes: 512 * MIB,
+        segment_bytes: 64 * MIB,
+    };
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeadLettersDefaults;
+impl ClassDefaults for DeadLettersDefaults {
+    const DEFAULT: Retention = Retention {
+        retention_ms: 7 * 24 * HOUR_MS,
+        retention_bytes: 128 * MIB,
+        segment_bytes: 16 * MIB,
+    };
+}
+
+/// Kafka's topic settings of the same names (with `_` for `.`). The parameter gives the class's
+/// defaults, so a table that sets one key keeps its class's defaults for the others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, bound = "C: ClassDefaults")]
+pub struct TopicRetention<C: ClassDefaults> {
+    /// `retention.ms`: records older than this are deleted; -1 = no time limit.
+    pub retention_ms: i64,
+    /// `retention.bytes`: per partition, the oldest records are deleted above this; -1 = no
+    /// size limit (the disk budget is then unbounded).
+    pub retention_bytes: i64,
+    /// `segment.bytes`: Kafka deletes whole segments, so a partition may hold up to one segment
+    /// more than `retention_bytes`. (nisshi keeps no segments and ignores it.)
+    pub segment_bytes: i64,
+    #[serde(skip)]
+    class: std::marker::PhantomData<C>,
+}
+
+impl<C: ClassDefaults> Default for TopicRetention<C> {
+    fn default() -> Self {
+        Self {
+            retention_ms: C::DEFAULT.retention_ms,
+            retention_bytes: C::DEFAULT.retention_bytes,
+            segment_bytes: C::DEFAULT.segment_bytes,
+            class: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<C: ClassDefaults> TopicRetention<C> {
+    pub fn settings(&self) -> Retention {
+        Retention {
+            retention_ms: self.retention_ms,
+            retention_bytes: self.retention_bytes,
+            segment_bytes: self.segment_bytes,
+        }
+    }
+}
+
+/// One topic's retention settings, whatever its class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    pub retention_ms: i64,
+    pub retention_bytes: i64,
+    pub segment_bytes: i64,
+}
+
+impl Retention {
+    /// The settings as Kafka names them, in a fixed order.
+    pub fn entries(&self) -> [(&'static str, String); 3] {
+        [
+            ("retention.ms", self.retention_ms.to_string()),
+            ("retention.bytes", self.retention_bytes.to_string()),
+            ("segment.bytes", self.segment_bytes.to_string()),
+        ]
+    }
+
+    /// Bytes one partition may hold under these settings (records, without the broker's index
+    /// and page overhead); `None` when `retention_bytes` sets no limit.
+    pub fn partition_bytes(&self) -> Option<u64> {
+        u64::try_from(self.retention_bytes)
+            .ok()
+            .map(|b| b + self.segment_bytes.max(0) as u64)
+    }
+}
+
+/// The class of a topic fovea writes on the local broker, which picks its retention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopicClass {
+    Frames,
+    Results,
+    DeadLetters,
+}
+
+impl TopicClass {
+    pub fn name(self) -> &'static str {
+        match self {
+            TopicClass::Frames => "frames",
+            TopicClass::Results => "results",
+            TopicClass::DeadLetters => "dead_letters",
+        }
+    }
+}
+
+impl Config {
+    /// Every topic fovea writes on the local broker with its class: the node's three, and the
+    /// uplink's dead letters when the uplink is on.
+    pub fn local_topics(&self) -> Vec<(String, TopicClass)> {
+        let t = &self.kafka.topics;
+        let mut topics = vec![
+            (t.frames.clone(), TopicClass::Frames),
+            (t.results.clone(), TopicClass::Results),
+            (t.deadletter.clone(), TopicClass::DeadLetters),
+        ];
+        if self.uplink.enabled {
+            topics.push((
+                self.uplink.deadletter_topic.clone(),
+                TopicClass::DeadLetters,
+            ));
+        }
+        topics
+    }
+}
+
+impl RetentionConfig {
+    pub fn of(&self, class: TopicClass) -> Retention {
+        match class {
+            TopicClass::Frames => self.frames.settings(),
+            TopicClass::Results => self.results.settings(),
+            TopicClass::DeadLetters => self.dead_letters.settings(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -172,6 +358,10 @@ pub struct UplinkConfig {
     pub compression: String,
     /// Records sent to the cloud and not yet acknowledged, at most: beyond it replication waits.
     pub max_in_flight: usize,
+    /// Share of a local topic's `retention.ms` that the age of its oldest unreplicated record may
+    /// reach before `/readyz` warns (records older than the retention are deleted by the local
+    /// broker before the cloud has them).
+    pub retention_warn_share: f64,
     pub security: UplinkSecurity,
     /// Which frames are replicated (results always are).
     pub frames: crate::uplink::rules::FrameRules,

@@ -2,7 +2,7 @@
 //! creation, or silently). Every problem is returned, each with its key path.
 
 use super::keypath::KeyPath;
-use super::{Config, WhenBehind};
+use super::{Config, TopicClass, WhenBehind};
 
 const LOG_LEVELS: &[&str] = &["error", "warn", "info", "debug", "trace", "off"];
 const COMPRESSIONS: &[&str] = &["none", "gzip", "snappy", "lz4", "zstd"];
@@ -243,6 +243,43 @@ fn kafka(config: &Config, p: &mut Problems) {
             RECORD_LIMIT_RANGE.end()
         ),
     );
+    retention(config, p);
+}
+
+/// Kafka's own rules for the three settings, plus one of fovea's: a partition must be able to
+/// hold at least one record of the largest size fovea writes, or the broker would delete a
+/// record as soon as it is written.
+fn retention(config: &Config, p: &mut Problems) {
+    let limit = config.kafka.record_limit_bytes as i64;
+    for class in [
+        TopicClass::Frames,
+        TopicClass::Results,
+        TopicClass::DeadLetters,
+    ] {
+        let r = config.kafka.retention.of(class);
+        let path = KeyPath::from("kafka.retention").key(class.name());
+        p.check(
+            r.retention_ms == -1 || r.retention_ms >= 60_000,
+            path.clone().key("retention_ms"),
+            format!(
+                "{} is neither -1 (no limit) nor at least 60000 (one minute)",
+                r.retention_ms
+            ),
+        );
+        p.check(
+            r.retention_bytes == -1 || r.retention_bytes >= limit,
+            path.clone().key("retention_bytes"),
+            format!(
+                "{} is neither -1 (no limit) nor at least kafka.record_limit_bytes ({limit})",
+                r.retention_bytes
+            ),
+        );
+        p.check(
+            r.segment_bytes >= 1 << 20,
+            path.key("segment_bytes"),
+            format!("{} is below Kafka's minimum of 1 MiB", r.segment_bytes),
+        );
+    }
 }
 
 fn check_kafka_topic(topic: &str) -> Result<(), &'static str> {
@@ -271,6 +308,11 @@ fn uplink(config: &Config, p: &mut Problems) {
         !u.brokers.is_empty(),
         "uplink.brokers",
         "must name the cloud cluster",
+    );
+    p.check(
+        u.retention_warn_share > 0.0 && u.retention_warn_share <= 1.0,
+        "uplink.retention_warn_share",
+        format!("{} is not in (0, 1]", u.retention_warn_share),
     );
     for (key, topic) in [
         ("uplink.results_topic", &u.results_topic),
@@ -497,6 +539,30 @@ mod tests {
     #[test]
     fn default_config_is_valid() {
         assert!(validate(&Config::default()).is_empty());
+    }
+
+    #[test]
+    fn retention_follows_kafka_rules_and_holds_a_record() {
+        let mut c = Config::default();
+        c.kafka.retention.frames.retention_ms = 0;
+        c.kafka.retention.results.retention_bytes = 1000;
+        c.kafka.retention.dead_letters.segment_bytes = 1000;
+        c.uplink.enabled = true;
+        c.uplink.brokers = "cloud:9092".into();
+        c.uplink.retention_warn_share = 1.5;
+        assert_eq!(
+            paths(&c),
+            [
+                "kafka.retention.frames.retention_ms",
+                "kafka.retention.results.retention_bytes",
+                "kafka.retention.dead_letters.segment_bytes",
+                "uplink.retention_warn_share",
+            ]
+        );
+        c = Config::default();
+        c.kafka.retention.frames.retention_ms = -1;
+        c.kafka.retention.frames.retention_bytes = -1;
+        assert!(paths(&c).is_empty(), "-1 means no limit");
     }
 
     #[test]

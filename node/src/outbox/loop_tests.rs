@@ -50,10 +50,7 @@ impl Produce for FakeBroker {
         }
     }
 
-    fn probe(
-        &self,
-        _topics: Vec<String>,
-    ) -> impl std::future::Future<Output = Result<(), String>> + Send + use<> {
+    fn probe(&self) -> impl std::future::Future<Output = Result<(), String>> + Send + use<> {
         let away = self.away.load(Ordering::SeqCst);
         async move { if away { Err("away".into()) } else { Ok(()) } }
     }

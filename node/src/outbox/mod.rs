@@ -12,9 +12,11 @@
 //!   catch-up).
 //! - `producer`, `topics`: the rdkafka producer behind a small trait, and topic creation.
 
+mod alter_configs;
 pub mod delivery;
 pub mod plan;
 pub mod producer;
+pub mod retention;
 pub mod sequencer;
 pub mod state;
 pub mod topics;
@@ -229,9 +231,7 @@ impl<P: Produce> Outbox<P> {
                 }
                 Action::Remove(seqs) => self.remove(&seqs),
                 Action::Probe => {
-                    let t = &self.planner.topics;
-                    let names = vec![t.frames.clone(), t.results.clone(), t.deadletter.clone()];
-                    let probe = self.producer.probe(names);
+                    let probe = self.producer.probe();
                     let reports = run.reports.clone();
                     tokio::spawn(async move {
                         let ok = match probe.await {

@@ -8,6 +8,7 @@
 //! comes back as failed and goes to the spool, so a missing broker never holds a frame's ack for
 //! longer than that.
 
+use super::topics::TopicSpec;
 use crate::config::KafkaConfig;
 use crate::records::{Record, RecordLimit};
 use rdkafka::ClientConfig;
@@ -16,6 +17,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 /// The broker's answer about one record, to be awaited.
@@ -30,11 +32,8 @@ pub trait Produce: Send + 'static {
         record: Arc<Record>,
     ) -> impl Future<Output = Result<Delivery, KafkaError>> + Send;
 
-    /// Whether the broker is reachable, creating `topics` if they are missing.
-    fn probe(
-        &self,
-        topics: Vec<String>,
-    ) -> impl Future<Output = Result<(), String>> + Send + use<Self>;
+    /// Whether the broker is reachable, creating the node's topics if they are missing.
+    fn probe(&self) -> impl Future<Output = Result<(), String>> + Send + use<Self>;
 
     /// Replaces a producer that reported a fatal error.
     fn rebuild(&mut self) -> anyhow::Result<()>;
@@ -49,15 +48,26 @@ pub struct KafkaProducer {
     config: ClientConfig,
     /// For probing and creating topics.
     kafka: KafkaConfig,
+    topics: Arc<[TopicSpec]>,
+    /// Set once the first successful probe has checked the topics' retention (once per run: the
+    /// settings do not change while the node runs, and every probe after an outage need not ask).
+    retention_checked: Arc<AtomicBool>,
 }
 
 impl KafkaProducer {
-    pub fn new(cfg: &KafkaConfig, client_id: &str, divert_after_ms: u64) -> anyhow::Result<Self> {
+    pub fn new(
+        cfg: &KafkaConfig,
+        topics: Vec<TopicSpec>,
+        client_id: &str,
+        divert_after_ms: u64,
+    ) -> anyhow::Result<Self> {
         let config = client_config(cfg, client_id, divert_after_ms);
         Ok(KafkaProducer {
             producer: config.create()?,
             config,
             kafka: cfg.clone(),
+            topics: topics.into(),
+            retention_checked: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -85,14 +95,14 @@ impl Produce for KafkaProducer {
         }
     }
 
-    fn probe(
-        &self,
-        topics: Vec<String>,
-    ) -> impl Future<Output = Result<(), String>> + Send + use<> {
-        let kafka = self.kafka.clone();
+    fn probe(&self) -> impl Future<Output = Result<(), String>> + Send + use<> {
+        let (kafka, topics) = (self.kafka.clone(), self.topics.clone());
+        let checked = self.retention_checked.clone();
         async move {
-            let names: Vec<&str> = topics.iter().map(String::as_str).collect();
-            super::topics::create(&kafka, &names).await
+            let check = !checked.load(Ordering::Relaxed);
+            super::topics::create(&kafka, &topics, check).await?;
+            checked.store(true, Ordering::Relaxed);
+            Ok(())
         }
     }
 

@@ -68,8 +68,12 @@ pub async fn run(
     let spool = open_spool(&cfg)?;
     // Topics are created by the outbox when it first reaches the broker: a node whose broker is
     // down at start still takes frames (into the spool).
-    let producer =
-        producer::KafkaProducer::new(k, &format!("fovea-{node_id}"), cfg.spool.divert_after_ms)?;
+    let producer = producer::KafkaProducer::new(
+        k,
+        crate::outbox::topics::TopicSpec::node_topics(&cfg),
+        &format!("fovea-{node_id}"),
+        cfg.spool.divert_after_ms,
+    )?;
 
     let claims = start_claim_checks(&cfg, &shutdown).await?;
 

@@ -39,7 +39,7 @@ pub async fn run(args: UplinkBenchArgs, cfg: Config) -> anyhow::Result<()> {
             .create()?;
     crate::outbox::topics::ensure(
         &cfg.kafka,
-        &[&cfg.kafka.topics.results, &cfg.kafka.topics.frames],
+        &crate::outbox::topics::TopicSpec::node_topics(&cfg)[..2],
         Duration::from_secs(30),
     )
     .await?;

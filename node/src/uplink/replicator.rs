@@ -318,7 +318,11 @@ pub async fn run(
             local_consumer(&cfg, &group, &cfg.kafka.topics.frames, stats.clone()).await?;
         crate::outbox::topics::ensure(
             &cfg.kafka,
-            &[&cfg.uplink.deadletter_topic],
+            &[crate::outbox::topics::TopicSpec::new(
+                &cfg,
+                &cfg.uplink.deadletter_topic,
+                crate::config::TopicClass::DeadLetters,
+            )],
             Duration::from_secs(24 * 3600),
         )
         .await
