@@ -259,10 +259,10 @@ fn retention(config: &Config, p: &mut Problems) {
         let r = config.kafka.retention.of(class);
         let path = KeyPath::from("kafka.retention").key(class.name());
         p.check(
-            r.retention_ms == -1 || r.retention_ms >= 60_000,
+            r.retention_ms == -1 || r.retention_ms >= 1000,
             path.clone().key("retention_ms"),
             format!(
-                "{} is neither -1 (no limit) nor at least 60000 (one minute)",
+                "{} is neither -1 (no limit) nor at least 1000 (one second)",
                 r.retention_ms
             ),
         );
