@@ -98,11 +98,14 @@ start_one() {
         cmd=("$bin" -c "$dir/mosquitto.conf")
         ;;
       edge | cloud)
-        # sqlite://nisshi.db is relative to the working directory: the data dir.
+        # The storage URL of the packaged fovea-kafka.service (with its retention sweep
+        # interval); sqlite://nisshi.db is relative to the working directory: the data dir.
+        local storage
+        storage="$(grep -o -- '--storage-engine [^ ]*' "$here/../systemd/fovea-kafka.service" | cut -d' ' -f2)"
         cmd=("$bin" broker --cluster-id "$svc"
           --listener-url "tcp://127.0.0.1:$port"
           --advertised-listener-url "tcp://127.0.0.1:$port"
-          --storage-engine sqlite://nisshi.db
+          --storage-engine "$storage"
           --group-initial-rebalance-delay 0s)
         ;;
     esac

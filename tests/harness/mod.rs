@@ -180,6 +180,23 @@ pub struct Kafka {
     name: String,
 }
 
+/// The `--storage-engine` argument of `systemd/fovea-kafka.service`'s ExecStart: the tests run
+/// nisshi as the package does (its retention sweep interval included).
+pub fn packaged_storage_engine() -> String {
+    let unit = std::fs::read_to_string(repo_root().join("systemd/fovea-kafka.service"))
+        .expect("systemd/fovea-kafka.service");
+    let exec = unit
+        .lines()
+        .find(|l| l.starts_with("ExecStart="))
+        .expect("ExecStart= in fovea-kafka.service");
+    let mut words = exec.split_whitespace();
+    words
+        .find(|w| *w == "--storage-engine")
+        .and_then(|_| words.next())
+        .expect("--storage-engine in fovea-kafka.service")
+        .to_owned()
+}
+
 impl Kafka {
     pub fn start(dir: &Path, name: &str) -> Kafka {
         Kafka::start_on(dir, name, free_port())
@@ -201,8 +218,23 @@ impl Kafka {
         *self = again;
     }
 
-    /// Starts a broker on `port` (which may have been reserved while the broker was down).
+    /// Starts a broker on `port` (which may have been reserved while the broker was down), with
+    /// the storage settings of the packaged `fovea-kafka.service`.
     pub fn start_on(dir: &Path, name: &str, port: u16) -> Kafka {
+        Kafka::start_with_storage(dir, name, port, &packaged_storage_engine())
+    }
+
+    /// Like [`Kafka::start`], but nisshi sweeps expired records every `interval` (e.g. "2s")
+    /// instead of the packaged unit's minute: for tests of retention, which would otherwise wait
+    /// a minute for each sweep. Everything else is the packaged setting.
+    pub fn start_sweeping_every(dir: &Path, name: &str, interval: &str) -> Kafka {
+        let packaged = packaged_storage_engine();
+        let (base, _) = packaged.split_once('?').unwrap_or((&packaged, ""));
+        let storage = format!("{base}?maintenance_interval={interval}");
+        Kafka::start_with_storage(dir, name, free_port(), &storage)
+    }
+
+    fn start_with_storage(dir: &Path, name: &str, port: u16, storage: &str) -> Kafka {
         let bin = binary("FOVEA_NISSHI_BIN", cache_dir().join("nisshi/bin/nisshi"));
         let data = dir.join(name);
         std::fs::create_dir_all(&data).expect("broker dir");
@@ -218,7 +250,7 @@ impl Kafka {
             "--advertised-listener-url",
             &url,
             "--storage-engine",
-            "sqlite://nisshi.db",
+            storage,
             "--group-initial-rebalance-delay",
             "0s",
         ]);
