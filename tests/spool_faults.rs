@@ -562,40 +562,6 @@ fn drop_oldest_frames_drops_chunked_frames_whole_and_counts_them() {
     );
 }
 
-/// A tmpfs of `mib` MiB mounted at `at` until dropped; `None`, with a line saying why, where
-/// mounting is not allowed (it needs root).
-struct Tmpfs(std::path::PathBuf);
-
-impl Tmpfs {
-    fn mount(at: &Path, mib: u64) -> Option<Tmpfs> {
-        std::fs::create_dir_all(at).unwrap();
-        let out = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
-            .arg(at)
-            .output();
-        match out {
-            Ok(o) if o.status.success() => Some(Tmpfs(at.to_path_buf())),
-            Ok(o) => {
-                println!(
-                    "SKIPPED: cannot mount a tmpfs ({}); this test needs root",
-                    String::from_utf8_lossy(&o.stderr).trim()
-                );
-                None
-            }
-            Err(e) => {
-                println!("SKIPPED: cannot run mount ({e}); this test needs root");
-                None
-            }
-        }
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn a_spool_on_a_full_file_system_keeps_frames_unacked_and_loses_nothing() {
     let dir = temp_dir();

@@ -15,6 +15,7 @@
 //! - [`service`]: systemd notifications and watchdog, health, the `/metrics` endpoint.
 //! - [`spool`]: the durable buffer while the local broker is away.
 //! - [`blobstore`]: claim checks for large frames.
+//! - [`disk`]: the disk budget: parts, their sum per filesystem, current bytes.
 //! - [`uplink`]: replication to the cloud cluster.
 //! - [`tools`]: `fovea camera`, `fovea tail`, `fovea frames export`, `fovea bench`.
 //! - [`cli`], [`logging`]: the binary's edges.
@@ -22,6 +23,7 @@
 pub mod blobstore;
 pub mod cli;
 pub mod config;
+pub mod disk;
 pub mod inference;
 pub mod ingress;
 pub mod job;

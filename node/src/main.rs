@@ -57,6 +57,13 @@ fn validate(path: &std::path::Path) -> ExitCode {
                     .join(", "),
                 p.cfg.routes.len()
             );
+            // Warnings, not errors: validate runs as the unit's ExecStartPre, and a tight disk
+            // is for the operator to weigh, not a reason not to start.
+            let disk = fovea::disk::report::report(&p.cfg);
+            print!("{}", disk.text);
+            for w in &disk.warnings {
+                eprintln!("warning: {w}");
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -94,6 +94,8 @@ pub struct Stats {
     pub spool_write_failures: Mutex<BTreeMap<String, u64>>,
     /// The spool's figures, refreshed by the outbox about once a second.
     pub spool: Mutex<Option<SpoolStats>>,
+    /// The disk budget's parts as last sampled (every 30 s, [`crate::disk::sampler`]).
+    pub disk: Mutex<Vec<crate::disk::Sample>>,
     /// The outbox's delivery mode ([`Mode`]), see [`Stats::local_broker`].
     local_broker: AtomicU8,
     /// Whether the MQTT session is up (CONNACK seen, no error since).

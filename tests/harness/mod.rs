@@ -277,6 +277,11 @@ impl Kafka {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// The broker's data folder (its SQLite database and WAL).
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join(&self.name)
+    }
+
     pub fn consumer(&self) -> BaseConsumer {
         ClientConfig::new()
             .set("bootstrap.servers", self.brokers())
@@ -550,6 +555,40 @@ pub fn publish(port: u16, messages: &[(String, Vec<u8>)]) {
         let _ = client.disconnect().await;
         let _ = tokio::time::timeout(Duration::from_secs(1), events.poll()).await;
     });
+}
+
+/// A tmpfs of `mib` MiB mounted at `at` until dropped; `None`, with a line saying why, where
+/// mounting is not allowed (it needs root).
+pub struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    pub fn mount(at: &Path, mib: u64) -> Option<Tmpfs> {
+        std::fs::create_dir_all(at).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(at)
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Some(Tmpfs(at.to_path_buf())),
+            Ok(o) => {
+                println!(
+                    "SKIPPED: cannot mount a tmpfs ({}); this test needs root",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+                None
+            }
+            Err(e) => {
+                println!("SKIPPED: cannot run mount ({e}); this test needs root");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
 }
 
 pub fn now_ms() -> u128 {

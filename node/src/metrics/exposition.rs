@@ -91,6 +91,7 @@ pub fn render(health: &Health, process: &Process) -> String {
 
     counters(&mut out, s);
     spool(&mut out, s);
+    disk(&mut out, s);
     uplink(&mut out, s);
 
     out.help(
@@ -278,6 +279,46 @@ fn spool(out: &mut Out, s: &Stats) {
         &[],
         spool.quarantined as f64,
     );
+}
+
+/// The disk budget's parts (README "Disk"): what each holds, may hold, and the free space left.
+fn disk(out: &mut Out, s: &Stats) {
+    let samples = s.disk.lock().map(|d| d.clone()).unwrap_or_default();
+    if samples.is_empty() {
+        return;
+    }
+    out.help(
+        "fovea_disk_bytes",
+        "gauge",
+        "Bytes on disk in each part's folder (spool, local_broker, claim_checks); sampled every 30 s.",
+    );
+    for d in samples.iter().filter(|d| d.used.is_some()) {
+        out.line(
+            "fovea_disk_bytes",
+            &[("part", d.part)],
+            d.used.unwrap_or(0) as f64,
+        );
+    }
+    out.help(
+        "fovea_disk_budget_bytes",
+        "gauge",
+        "Bytes each part may grow to (its config bound); absent when unbounded.",
+    );
+    for d in samples.iter().filter(|d| d.budget.is_some()) {
+        out.line(
+            "fovea_disk_budget_bytes",
+            &[("part", d.part)],
+            d.budget.unwrap_or(0) as f64,
+        );
+    }
+    out.help(
+        "fovea_disk_free_bytes",
+        "gauge",
+        "Free bytes on the filesystem of each part.",
+    );
+    for d in &samples {
+        out.line("fovea_disk_free_bytes", &[("part", d.part)], d.free as f64);
+    }
 }
 
 fn uplink(out: &mut Out, s: &Stats) {

@@ -199,8 +199,12 @@ async fn check(
     let mut verdicts = Vec::new();
     for (topic, found) in topics.iter().zip(&before) {
         let wrong = retention::mismatches(&topic.retention, found);
-        if wrong.is_empty() || !cfg.retention.correct_existing {
-            verdicts.push((topic, retention::verdict(wrong.clone(), wrong)));
+        if wrong.is_empty() {
+            verdicts.push((topic, Verdict::AsConfigured));
+            continue;
+        }
+        if !cfg.retention.correct_existing {
+            verdicts.push((topic, Verdict::Differs(wrong)));
             continue;
         }
         let entries: Vec<(&str, String)> =

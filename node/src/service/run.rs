@@ -88,6 +88,10 @@ pub async fn run(cfg: Config, drain: Duration) -> anyhow::Result<()> {
         ));
     }
 
+    tokio::spawn(crate::disk::sampler(
+        crate::disk::parts(&cfg),
+        stats.clone(),
+    ));
     let prepared = pipeline::prepare(cfg)?;
     tokio::spawn(super::supervise(
         health.clone(),
