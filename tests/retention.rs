@@ -64,7 +64,7 @@ const FRAMES_DEFAULT: [(&str, &str); 3] = [
 ];
 const RESULTS_DEFAULT: [(&str, &str); 3] = [
     ("retention.ms", "259200000"),
-    ("retention.bytes", "536870912"),
+    ("retention.bytes", "1073741824"),
     ("segment.bytes", "67108864"),
 ];
 const DEAD_LETTERS_DEFAULT: [(&str, &str); 3] = [
@@ -227,7 +227,7 @@ fn the_broker_deletes_frames_past_retention_bytes_and_keeps_the_results() {
     // 3 topics x 3 partitions: frames (1 MiB + 64 MiB segment), results, dead letters.
     assert_eq!(
         broker_budget as u64,
-        3 * ((cap + (64 << 20)) + (576 << 20) + (144 << 20))
+        3 * ((cap + (64 << 20)) + (1088 << 20) + (144 << 20))
     );
     assert!(
         metric(&body, "fovea_disk_bytes{part=\"spool\"}").is_some(),

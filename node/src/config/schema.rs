@@ -140,8 +140,9 @@ const HOUR_MS: i64 = 3_600_000;
 const MIB: i64 = 1 << 20;
 
 /// Sized for a 32 GB box at 25 frames/s of 60 KB (1.5 MB/s of frames): frames are capped by size
-/// (3 partitions x 1 GiB: about 35 min at that rate, hours at a few frames/s), results (about
-/// 1 KB each, 2 GB a day) by time and size; dead letters are rare.
+/// (1 GiB a partition: 12 to 35 min at that rate, as the cameras spread over the 3 partitions;
+/// hours at a few frames/s); results (about 630 bytes each, 1.4 GB a day at that rate) keep
+/// 1 GiB a partition, 19 to 57 hours, and 3 days at lower rates; dead letters are rare.
 pub type FramesRetention = TopicRetention<FramesDefaults>;
 pub type ResultsRetention = TopicRetention<ResultsDefaults>;
 pub type DeadLettersRetention = TopicRetention<DeadLettersDefaults>;
@@ -166,7 +167,7 @@ pub struct ResultsDefaults;
 impl ClassDefaults for ResultsDefaults {
     const DEFAULT: Retention = Retention {
         retention_ms: 72 * HOUR_MS,
-        retention_bytes: 512 * MIB,
+        retention_bytes: 1024 * MIB,
         segment_bytes: 64 * MIB,
     };
 }

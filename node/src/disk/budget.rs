@@ -163,13 +163,13 @@ mod tests {
         let parts = parts(&cfg);
         let names: Vec<_> = parts.iter().map(|p| p.name).collect();
         assert_eq!(names, ["spool", "local_broker", "logs"]);
-        // 3 partitions x ((1 GiB + 64 MiB) frames + (512 + 64 MiB) results + (128 + 16) MiB
+        // 3 partitions x ((1 GiB + 64 MiB) frames + (1 GiB + 64 MiB) results + (128 + 16) MiB
         // dead letters).
         let gib = 1u64 << 30;
         let mib = 1u64 << 20;
         assert_eq!(
             parts[1].budget,
-            Some(3 * (gib + 64 * mib + 576 * mib + 144 * mib))
+            Some(3 * (2 * (gib + 64 * mib) + 144 * mib))
         );
         assert_eq!(parts[0].budget, Some(gib));
     }
