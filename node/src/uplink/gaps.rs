@@ -3,9 +3,12 @@
 //! The local broker deletes records by retention whether or not the cloud has them. When that
 //! happens the uplink's checkpoint (or its read position) points below the partition's log start;
 //! the consumer resumes at the log start (`auto.offset.reset = earliest`) and the next record read
-//! has a higher offset than expected. [`GapDetector`] notices that jump (or a log start above the
-//! expected offset, learnt from the watermarks) and says which records were lost, once per gap, so
-//! the loss is counted and logged instead of silent.
+//! has a higher offset than expected. [`GapDetector`] notices that jump and says which records
+//! were lost, once per gap, so the loss is counted and logged instead of silent.
+//!
+//! Only the record read tells, not the watermarks: librdkafka fetches ahead of what the uplink
+//! has taken, and records it already holds are delivered even after the broker deleted them, so
+//! a log start above the uplink's position does not mean those records are lost.
 //!
 //! fovea's local topics are neither compacted nor written transactionally, so consecutive records
 //! of a partition have consecutive offsets: a jump is records that are gone. Going back (a seek, a
@@ -21,11 +24,11 @@ pub struct Gap {
     pub partition: i32,
     /// The first offset lost.
     pub from: i64,
-    /// The first offset after the gap (the log start, or the record read after it).
+    /// The offset of the record read after the gap (the log start when it was read).
     pub to: i64,
     /// Timestamp of the last record the uplink read before the gap, when it read one this run.
     pub last_before_ms: Option<i64>,
-    /// Timestamp of the first record read after the gap (None when learnt from the watermarks).
+    /// Timestamp of the first record read after the gap.
     pub first_after_ms: Option<i64>,
 }
 
@@ -135,26 +138,6 @@ impl GapDetector {
         gap
     }
 
-    /// The partition's log start (low watermark) is `low`. Returns the gap when the expected
-    /// offset is below it: those records are gone before they were read.
-    pub fn log_start(&mut self, topic: &str, partition: i32, low: i64) -> Option<Gap> {
-        let e = self.entry(topic, partition);
-        match e.next {
-            Some(next) if next < low => {
-                e.next = Some(low);
-                Some(Gap {
-                    topic: topic.to_string(),
-                    partition,
-                    from: next,
-                    to: low,
-                    last_before_ms: e.last_ms,
-                    first_after_ms: None,
-                })
-            }
-            _ => None,
-        }
-    }
-
     fn entry(&mut self, topic: &str, partition: i32) -> &mut Expect {
         self.partitions
             .entry((topic.to_string(), partition))
@@ -232,22 +215,6 @@ mod tests {
     }
 
     #[test]
-    fn a_log_start_above_the_expected_offset_is_counted_once() {
-        let mut d = GapDetector::new();
-        d.assigned("f", 0, 2);
-        assert_eq!(d.log_start("f", 0, 0), None);
-        assert_eq!(d.log_start("f", 0, 2), None);
-        let gap = d.log_start("f", 0, 30).expect("a gap");
-        assert_eq!((gap.from, gap.to), (2, 30));
-        assert_eq!(d.log_start("f", 0, 30), None, "already counted");
-        // The record read next is the log start: nothing more lost.
-        assert_eq!(d.read("f", 0, 30, None), None);
-        // The log start moving on later, past what was read, is another gap.
-        let gap = d.log_start("f", 0, 35).expect("a second gap");
-        assert_eq!((gap.from, gap.to), (31, 35));
-    }
-
-    #[test]
     fn partitions_and_topics_are_independent_and_unknown_ones_start_anywhere() {
         let mut d = GapDetector::new();
         d.assigned("f", 0, 0);
@@ -258,6 +225,5 @@ mod tests {
         assert_eq!(d.read("f", 2, 55, None), None);
         assert!(d.read("f", 2, 57, None).is_some());
         assert!(d.read("f", 0, 2, None).is_some());
-        assert_eq!(d.log_start("x", 0, 10), None);
     }
 }

@@ -17,8 +17,9 @@ pub struct Lag {
     pub records: i64,
     /// Age of the oldest record not yet replicated, in seconds (None when nothing lags).
     pub seconds: Option<f64>,
-    /// Records between the checkpoint and the log start: deleted by retention before they were
-    /// replicated (the uplink counts them and moves on when it reads the partition next).
+    /// Records between the checkpoint and the log start: deleted locally by retention before
+    /// the checkpoint passed them. Lost to the cloud unless the running uplink already holds them
+    /// (read, not yet acknowledged); the uplink counts the lost ones when it reads on.
     pub expired: i64,
 }
 
@@ -101,7 +102,7 @@ fn lag_line(l: &Lag, retention_ms: i64) -> String {
     if l.expired > 0 {
         let _ = write!(
             line,
-            "; {} records expired before they were replicated",
+            "; {} records below the log start (deleted before the checkpoint passed them)",
             l.expired
         );
     }
@@ -178,7 +179,7 @@ mod tests {
         assert_eq!(
             lag_line(&lag(3, Some(2.0), 40), -1),
             "lag fovea.results: 3 records, oldest 2.0 s, no retention time limit; 40 records \
-             expired before they were replicated"
+             below the log start (deleted before the checkpoint passed them)"
         );
     }
 }
