@@ -268,7 +268,7 @@ fn an_old_unreplicated_result_makes_readyz_warn_and_the_node_stays_ready() {
     let (status, body, after) = warned.expect("/readyz never warned");
     println!("warned after {after:?} (status {status}):\n{body}");
     assert_eq!(status, 200, "a warning keeps the node ready: {body}");
-    assert!(after < Duration::from_secs(20), "warned after {after:?}");
+    assert!(after < Duration::from_secs(16), "warned after {after:?}");
     assert!(body.contains("of its 20 s retention"), "{body}");
     let (_, metrics) = node.http_get("/metrics");
     let ratio = metric(
