@@ -8,6 +8,7 @@ use crate::metrics::histogram::Histogram;
 use crate::outbox::state::Mode;
 use crate::service::liveness::Liveness;
 use crate::spool::{Class, SpoolStats};
+use crate::uplink::backlog::RetentionUse;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -87,6 +88,11 @@ pub struct Stats {
     /// Records in the local broker not yet replicated (past the uplink's checkpoint), by local
     /// topic, from librdkafka's consumer statistics; empty until known.
     pub uplink_lag: Mutex<BTreeMap<String, i64>>,
+    /// Local records that expired before the uplink replicated them, by topic and partition.
+    pub uplink_expired: Mutex<BTreeMap<(String, i32), u64>>,
+    /// Per local topic the uplink reads: the age of its oldest unreplicated record against the
+    /// topic's `retention.ms`, refreshed by the uplink a few times a second.
+    pub uplink_retention: Mutex<BTreeMap<String, RetentionUse>>,
     /// Dead letters written, by their kind (`decode-failed`, `too-large`, ...).
     pub rejected: Mutex<BTreeMap<String, u64>>,
     /// Failed spool appends and flushes, by reason (`disk-full`, `error`): each held frames
@@ -210,6 +216,13 @@ impl Stats {
     pub fn uplink_refuse(&self, reason: &str) {
         if let Ok(mut map) = self.uplink_refused.lock() {
             *map.entry(reason.to_string()).or_default() += 1;
+        }
+    }
+
+    /// Counts `records` of `topic/partition` that expired before the uplink replicated them.
+    pub fn uplink_expire(&self, topic: &str, partition: i32, records: u64) {
+        if let Ok(mut map) = self.uplink_expired.lock() {
+            *map.entry((topic.to_string(), partition)).or_default() += records;
         }
     }
 

@@ -386,6 +386,57 @@ fn uplink(out: &mut Out, s: &Stats) {
             out.line("fovea_uplink_lag_records", &[("topic", &topic)], n as f64);
         }
     }
+    let expired = s
+        .uplink_expired
+        .lock()
+        .map(|m| m.clone())
+        .unwrap_or_default();
+    out.help(
+        "fovea_uplink_expired_records_total",
+        "counter",
+        "Local records deleted by the local broker's retention before the uplink replicated \
+         them (lost to the cloud), by local topic and partition.",
+    );
+    for ((topic, partition), n) in expired {
+        out.line(
+            "fovea_uplink_expired_records_total",
+            &[("topic", &topic), ("partition", &partition.to_string())],
+            n as f64,
+        );
+    }
+    let retention = s
+        .uplink_retention
+        .lock()
+        .map(|m| m.clone())
+        .unwrap_or_default();
+    if !retention.is_empty() {
+        out.help(
+            "fovea_uplink_oldest_unreplicated_age_seconds",
+            "gauge",
+            "Age of the oldest local record not yet replicated to the cloud, by local topic (0 \
+             when caught up).",
+        );
+        for (topic, u) in &retention {
+            out.line(
+                "fovea_uplink_oldest_unreplicated_age_seconds",
+                &[("topic", topic)],
+                u.oldest_age_seconds,
+            );
+        }
+        out.help(
+            "fovea_uplink_retention_used_ratio",
+            "gauge",
+            "That age over the local topic's retention.ms: at 1 its records are deleted before \
+             the cloud has them (0 without a time limit).",
+        );
+        for (topic, u) in &retention {
+            out.line(
+                "fovea_uplink_retention_used_ratio",
+                &[("topic", topic)],
+                u.ratio(),
+            );
+        }
+    }
 }
 
 fn stage_label(stage: Stage) -> &'static str {
@@ -480,10 +531,20 @@ mod tests {
         stats.record(Stage::Kafka, Duration::from_millis(3));
         stats.record_model("efficientnet-lite0", Duration::from_millis(11));
         stats.set_local_broker(Mode::Offline);
+        stats.uplink_expire("fovea.frames", 2, 17);
+        stats.uplink_expire("fovea.frames", 2, 3);
+        stats.uplink_retention.lock().unwrap().insert(
+            "fovea.results".into(),
+            crate::uplink::backlog::RetentionUse {
+                oldest_age_seconds: 15.0,
+                retention_ms: 20_000,
+            },
+        );
         let health = Health {
             stats,
             stall_after: Duration::from_secs(60),
             uplink_enabled: false,
+            retention_warn_share: 0.8,
         };
         let text = render(
             &health,
@@ -504,6 +565,27 @@ mod tests {
         assert_eq!(
             sample(&text, "fovea_uplink_refused_total{reason=\"too-large\"}"),
             Some(2.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "fovea_uplink_expired_records_total{topic=\"fovea.frames\",partition=\"2\"}"
+            ),
+            Some(20.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "fovea_uplink_oldest_unreplicated_age_seconds{topic=\"fovea.results\"}"
+            ),
+            Some(15.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "fovea_uplink_retention_used_ratio{topic=\"fovea.results\"}"
+            ),
+            Some(0.75)
         );
         assert_eq!(
             sample(

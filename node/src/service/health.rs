@@ -6,6 +6,12 @@
 //!   reachable. Not ready is not fatal: a node whose broker is away still takes frames into the
 //!   spool, but someone should look. The cloud link is reported, never required: the uplink
 //!   catches up when the cloud is back.
+//! - Warnings: lines marked `warn` say that something will go wrong if nobody acts, while the node
+//!   still does its job. The uplink warns when the oldest unreplicated record of a local topic has
+//!   used `uplink.retention_warn_share` of the topic's `retention.ms`: the local broker is about
+//!   to delete records the cloud does not have. That keeps the node ready (status 200): it still
+//!   takes frames, and taking it out of service would lose frames without bringing the cloud
+//!   back; the warning is for whoever reads `/readyz`, and the ratio is on `/metrics` to alert on.
 
 use crate::outbox::state::Mode;
 use crate::stats::Stats;
@@ -19,6 +25,9 @@ pub struct Health {
     pub stats: Arc<Stats>,
     pub stall_after: Duration,
     pub uplink_enabled: bool,
+    /// `uplink.retention_warn_share`: the share of a topic's retention the oldest unreplicated
+    /// record may reach before a warning.
+    pub retention_warn_share: f64,
 }
 
 /// One line of the readiness report.
@@ -27,6 +36,8 @@ pub struct Check {
     pub name: &'static str,
     /// Whether readiness depends on it and it holds. Informational lines are always ok.
     pub ok: bool,
+    /// Ok for readiness, but someone should act (shown as `warn`).
+    pub warn: bool,
     pub detail: String,
 }
 
@@ -54,12 +65,14 @@ impl Health {
         checks.push(Check {
             name: "pipeline",
             ok,
+            warn: false,
             detail,
         });
         let connected = s.mqtt_connected.load(Ordering::Relaxed);
         checks.push(Check {
             name: "mqtt",
             ok: connected,
+            warn: false,
             detail: if connected {
                 "connected"
             } else {
@@ -77,12 +90,14 @@ impl Health {
         checks.push(Check {
             name: "local broker",
             ok,
+            warn: false,
             detail: detail.into(),
         });
         if let Ok(Some(spool)) = s.spool.lock().map(|g| g.clone()) {
             checks.push(Check {
                 name: "spool",
                 ok: true,
+                warn: false,
                 detail: format!(
                     "{} records, {} of {} bytes",
                     spool.total_records, spool.total_bytes, spool.max_bytes
@@ -98,11 +113,33 @@ impl Health {
             checks.push(Check {
                 name: "uplink",
                 ok: true,
+                warn: false,
                 detail: format!(
                     "{} records acknowledged by the cloud, {lag} behind",
                     Stats::get(&s.uplink_acked)
                 ),
             });
+            let retention = s
+                .uplink_retention
+                .lock()
+                .map(|m| m.clone())
+                .unwrap_or_default();
+            for (topic, u) in retention {
+                if u.retention_ms > 0 && u.ratio() >= self.retention_warn_share {
+                    checks.push(Check {
+                        name: "uplink retention",
+                        ok: true,
+                        warn: true,
+                        detail: format!(
+                            "{topic}: oldest unreplicated record is {:.0} s old, {:.0}% of its \
+                             {:.0} s retention (records older than that are deleted unreplicated)",
+                            u.oldest_age_seconds,
+                            u.ratio() * 100.0,
+                            u.retention_ms as f64 / 1000.0
+                        ),
+                    });
+                }
+            }
         }
         checks
     }
@@ -115,7 +152,11 @@ impl Health {
     pub fn report(&self) -> String {
         let mut out = String::new();
         for c in self.checks() {
-            let mark = if c.ok { "ok  " } else { "FAIL" };
+            let mark = match (c.ok, c.warn) {
+                (false, _) => "FAIL",
+                (true, true) => "warn",
+                (true, false) => "ok  ",
+            };
             let _ = writeln!(out, "{mark} {}: {}", c.name, c.detail);
         }
         out
@@ -144,6 +185,7 @@ mod tests {
             stats: Arc::new(Stats::default()),
             stall_after: Duration::from_secs(10),
             uplink_enabled: false,
+            retention_warn_share: 0.8,
         }
     }
 
@@ -182,5 +224,43 @@ mod tests {
         h.stats.liveness.worker_idle(0);
         assert!(h.live().is_ok());
         assert!(h.ready());
+    }
+
+    #[test]
+    fn an_old_unreplicated_record_warns_but_keeps_the_node_ready() {
+        use crate::uplink::backlog::RetentionUse;
+        let mut h = health();
+        h.uplink_enabled = true;
+        h.retention_warn_share = 0.5;
+        h.stats.liveness.set_started();
+        h.stats.mqtt_connected.store(true, Ordering::Relaxed);
+        h.stats.set_local_broker(Mode::Online);
+        let set = |age: f64, retention_ms: i64| {
+            let mut map = h.stats.uplink_retention.lock().unwrap();
+            map.insert(
+                "fovea.results".to_string(),
+                RetentionUse {
+                    oldest_age_seconds: age,
+                    retention_ms,
+                },
+            );
+        };
+        set(9.0, 20_000);
+        assert!(!h.report().contains("retention"), "{}", h.report());
+        set(10.0, 20_000);
+        let report = h.report();
+        assert!(
+            report.contains(
+                "warn uplink retention: fovea.results: oldest unreplicated record is 10 s old, \
+                 50% of its 20 s retention"
+            ),
+            "{report}"
+        );
+        assert!(h.ready(), "a warning keeps the node ready: {report}");
+        set(1e6, -1);
+        assert!(
+            !h.report().contains("retention"),
+            "no time limit: no warning"
+        );
     }
 }

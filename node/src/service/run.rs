@@ -70,6 +70,7 @@ pub async fn run(cfg: Config, drain: Duration) -> anyhow::Result<()> {
         stats: stats.clone(),
         stall_after: Duration::from_millis(cfg.health.stall_after_ms),
         uplink_enabled: cfg.uplink.enabled,
+        retention_warn_share: cfg.uplink.retention_warn_share,
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     // The endpoint outlives the drain (the last figures can be scraped); it ends with the process.

@@ -89,6 +89,34 @@ impl OffsetTracker {
         }
     }
 
+    /// The records of `topic/partition` below `next` no longer exist (they expired from the
+    /// local broker before they were read): the commit may move to `next` as soon as every
+    /// started offset before it is done, instead of waiting at the last one read for records that
+    /// will never come. Ignored when `next` is not past the last started offset.
+    pub fn passed(&mut self, topic: &str, partition: i32, next: i64) {
+        let topic = match self.topics.get_mut(topic) {
+            Some(partitions) => partitions,
+            None => self.topics.entry(topic.to_string()).or_default(),
+        };
+        let p = topic.entry(partition).or_default();
+        if p.offsets
+            .last_key_value()
+            .is_some_and(|(&last, _)| last >= next - 1)
+            || p.safe.is_some_and(|safe| safe >= next)
+        {
+            return;
+        }
+        // A done stand-in for the missing records: the prefix moves over it like over any.
+        p.offsets.insert(next - 1, true);
+        while let Some(entry) = p.offsets.first_entry() {
+            if !*entry.get() {
+                break;
+            }
+            p.safe = Some(entry.key() + 1);
+            entry.remove();
+        }
+    }
+
     /// For each partition whose done prefix advanced since the last call, the offset to commit
     /// (next to read). Each position is returned once; positions only increase.
     pub fn committable(&mut self) -> Vec<(String, i32, i64)> {
@@ -261,6 +289,40 @@ mod tests {
         t.done("r", 0, 0);
         t.done("r", 1, 0);
         assert_eq!(commits(&mut t), [c("r", 1, 1)]);
+    }
+
+    #[test]
+    fn a_gap_of_expired_records_is_passed_once_the_records_before_it_are_done() {
+        let mut t = OffsetTracker::new();
+        t.started("f", 0, 3);
+        t.started("f", 0, 4);
+        t.done("f", 0, 3);
+        assert_eq!(commits(&mut t), [c("f", 0, 4)]);
+        // 5..80 expired; the next record read is 80.
+        t.passed("f", 0, 80);
+        t.started("f", 0, 80);
+        assert!(commits(&mut t).is_empty(), "4 still blocks");
+        t.done("f", 0, 4);
+        assert_eq!(commits(&mut t), [c("f", 0, 80)], "past the gap, before 80");
+        t.done("f", 0, 80);
+        assert_eq!(commits(&mut t), [c("f", 0, 81)]);
+        assert_eq!(t.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_gap_with_nothing_in_flight_moves_the_commit_at_once() {
+        let mut t = OffsetTracker::new();
+        // After a restart: nothing started, the checkpoint below the log start.
+        t.passed("f", 1, 40);
+        assert_eq!(commits(&mut t), [c("f", 1, 40)]);
+        assert_eq!(t.in_flight(), 0);
+        // A gap that is not past what was read (a late report) changes nothing.
+        t.started("f", 1, 40);
+        t.passed("f", 1, 30);
+        t.passed("f", 1, 41);
+        assert!(commits(&mut t).is_empty());
+        t.done("f", 1, 40);
+        assert_eq!(commits(&mut t), [c("f", 1, 41)]);
     }
 
     /// Random ack orders against a model: every committed position must have every started

@@ -27,13 +27,22 @@
 //!   exponential backoff and jitter; at most `uplink.max_in_flight` records wait, then reading
 //!   pauses until the cloud is back.
 //! - **Bandwidth cap**: every record waits for its bytes in a token bucket.
+//! - **No silent loss to retention**: the local broker deletes records by `retention.ms` and
+//!   `retention.bytes` whether or not the cloud has them. A checkpoint below the log start resumes
+//!   at the log start (`auto.offset.reset = earliest`; librdkafka's default would jump to the END
+//!   and skip everything still retained); the records lost are counted per partition
+//!   (`fovea_uplink_expired_records_total`), logged once per gap with the offsets and times
+//!   ([`GapDetector`]), and the checkpoint moves past them. The age of the oldest unreplicated
+//!   record against the topic's `retention.ms` ([`Backlog`]) warns before that happens.
 
+use super::backlog::Backlog;
 use super::bucket::TokenBucket;
+use super::gaps::{Gap, GapDetector};
 use super::offsets::OffsetTracker;
 use super::reassembly::{Event, Pos, Reassembly};
 use super::rules::{FrameSelector, Verdict};
 use super::thumbnail::thumbnail;
-use crate::config::{Config, UplinkConfig};
+use crate::config::{Config, TopicClass, UplinkConfig};
 use crate::ingress::backoff::Backoff;
 use crate::outbox::producer::{self, enqueue};
 use crate::records::{self, FRAMING_ALLOWANCE, Record, RecordKind, RecordLimit, Refusal};
@@ -132,6 +141,12 @@ pub struct Replicator {
     decisions: HashMap<String, bool>,
     decision_order: VecDeque<String>,
     tracker: OffsetTracker,
+    /// Expected next offset per partition, to notice records that expired unreplicated.
+    gaps: GapDetector,
+    /// Timestamps of the records read and not yet done, for their age against the retention.
+    backlog: Backlog,
+    /// Each local topic read and its `retention.ms`.
+    retention: Vec<(String, i64)>,
     reassembly: Reassembly,
     waiting: Option<Waiting>,
     next_seq: u64,
@@ -183,24 +198,38 @@ impl rdkafka::consumer::ConsumerContext for LocalContext {}
 
 type LocalConsumer = StreamConsumer<LocalContext>;
 
+/// The local consumers' settings.
+fn local_consumer_config(cfg: &Config, group: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.kafka.brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        // A checkpoint below the log start (records expired before they were replicated) must
+        // resume at the log start: librdkafka's default (`largest`) jumps to the END on
+        // OFFSET_OUT_OF_RANGE and skips every record still retained. The GapDetector counts
+        // what was lost. (nisshi serves a fetch below the log start from the log start without
+        // that error; Kafka answers OFFSET_OUT_OF_RANGE, so this setting is what saves the
+        // records there.)
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.message.max.bytes", "67108864")
+        .set("log.connection.close", "false")
+        .set("statistics.interval.ms", "5000");
+    c
+}
+
 /// Creates the consumer of one local topic for `group`, assigned from its committed offsets
 /// (the beginning when it has none). Waits for the topic to exist: the node creates it when it
-/// first reaches the broker.
+/// first reaches the broker. Returns the consumer, the number of partitions, and where each
+/// partition starts (the checkpoint, or the log start without one) for the [`GapDetector`].
 pub async fn local_consumer(
     cfg: &Config,
     group: &str,
     topic: &str,
     stats: Arc<Stats>,
-) -> anyhow::Result<(LocalConsumer, usize)> {
-    let consumer: LocalConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &cfg.kafka.brokers)
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .set("fetch.message.max.bytes", "67108864")
-        .set("log.connection.close", "false")
-        .set("statistics.interval.ms", "5000")
-        .create_with_context(LocalContext { stats })?;
+) -> anyhow::Result<(LocalConsumer, usize, Vec<(i32, i64)>)> {
+    let consumer: LocalConsumer =
+        local_consumer_config(cfg, group).create_with_context(LocalContext { stats })?;
     let partitions = loop {
         let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(5));
         if let Ok(md) = md
@@ -219,15 +248,28 @@ pub async fn local_consumer(
         .committed_offsets(tpl, Duration::from_secs(10))
         .with_context(|| format!("committed offsets of {group} on {topic}"))?;
     let mut assignment = TopicPartitionList::new();
+    let mut starts = Vec::new();
     for e in committed.elements() {
         let start = match e.offset() {
-            Offset::Offset(n) => Offset::Offset(n),
-            _ => Offset::Beginning,
+            Offset::Offset(n) => {
+                starts.push((e.partition(), n));
+                Offset::Offset(n)
+            }
+            _ => {
+                // No checkpoint: replication starts at the log start; records that expire
+                // from here on before they are read are a gap like any.
+                if let Ok((low, _)) =
+                    consumer.fetch_watermarks(topic, e.partition(), Duration::from_secs(5))
+                {
+                    starts.push((e.partition(), low));
+                }
+                Offset::Beginning
+            }
         };
         assignment.add_partition_offset(topic, e.partition(), start)?;
     }
     consumer.assign(&assignment)?;
-    Ok((consumer, partitions))
+    Ok((consumer, partitions, starts))
 }
 
 fn cloud_producer(cfg: &UplinkConfig, node_id: &str) -> anyhow::Result<FutureProducer> {
@@ -314,8 +356,7 @@ pub async fn run(
     let connect = async {
         let results =
             local_consumer(&cfg, &group, &cfg.kafka.topics.results, stats.clone()).await?;
-        let (frames, _) =
-            local_consumer(&cfg, &group, &cfg.kafka.topics.frames, stats.clone()).await?;
+        let frames = local_consumer(&cfg, &group, &cfg.kafka.topics.frames, stats.clone()).await?;
         crate::outbox::topics::ensure(
             &cfg.kafka,
             &[crate::outbox::topics::TopicSpec::new(
@@ -329,7 +370,7 @@ pub async fn run(
         .context("creating the uplink dead-letter topic")?;
         anyhow::Ok((results, frames))
     };
-    let ((results, results_partitions), frames) = tokio::select! {
+    let ((results, results_partitions, results_starts), (frames, _, frames_starts)) = tokio::select! {
         connected = connect => connected?,
         _ = shutdown.changed() => return Ok(()),
     };
@@ -361,6 +402,20 @@ pub async fn run(
         decisions: HashMap::new(),
         decision_order: VecDeque::new(),
         tracker: OffsetTracker::default(),
+        gaps: GapDetector::new(),
+        backlog: Backlog::new(),
+        retention: [
+            (&cfg.kafka.topics.results, TopicClass::Results, true),
+            (
+                &cfg.kafka.topics.frames,
+                TopicClass::Frames,
+                u.frames.enabled,
+            ),
+        ]
+        .into_iter()
+        .filter(|(_, _, read)| *read)
+        .map(|(topic, class, _)| (topic.clone(), cfg.kafka.retention.of(class).retention_ms))
+        .collect(),
         reassembly: Reassembly::new(Limits {
             max_frame_bytes: 256 << 20,
             max_frames_in_flight: 16,
@@ -377,6 +432,14 @@ pub async fn run(
         reports: reports_tx,
         cfg: u,
     };
+    for (topic, starts) in [
+        (&cfg.kafka.topics.results, &results_starts),
+        (&cfg.kafka.topics.frames, &frames_starts),
+    ] {
+        for &(partition, next) in starts {
+            r.gaps.assigned(topic, partition, next);
+        }
+    }
     log::info!(
         "uplink: replicating {} (and frames by rule) to {} as group {group}; refusals to {}",
         r.local_results,
@@ -413,6 +476,7 @@ pub async fn run(
             },
             _ = tick.tick() => {
                 r.housekeeping().await;
+                r.publish_retention();
                 commit(&r.tracker.committable(), &r.local_results, &results, &frames);
                 if last_log.elapsed() > Duration::from_secs(60) {
                     r.log_progress();
@@ -476,9 +540,55 @@ impl Replicator {
         self.retries.is_empty() && self.unreported_failures == 0
     }
 
-    async fn on_result(&mut self, m: &BorrowedMessage<'_>) {
+    /// Takes a record read from the local broker into the tracker, the backlog and the gap
+    /// detector (which may find that records before it expired).
+    fn read(&mut self, m: &BorrowedMessage<'_>) -> Pos {
         let pos = position(m);
+        let stored_ms = m.timestamp().to_millis();
+        if let Some(gap) = self.gaps.read(&pos.0, pos.1, pos.2, stored_ms) {
+            self.expired(&gap);
+        }
         self.tracker.started(&pos.0, pos.1, pos.2);
+        self.backlog.started(
+            &pos.0,
+            pos.1,
+            pos.2,
+            stored_ms.unwrap_or_else(crate::job::now_ms),
+        );
+        pos
+    }
+
+    /// Records that expired locally before they were replicated: counted, logged once, and
+    /// passed by the checkpoint (they will never be read).
+    fn expired(&mut self, gap: &Gap) {
+        log::warn!("uplink: {gap}; they are lost to the cloud, replication goes on");
+        self.stats
+            .uplink_expire(&gap.topic, gap.partition, gap.records());
+        self.tracker.passed(&gap.topic, gap.partition, gap.to);
+    }
+
+    /// A record is done: in the cloud, skipped by a rule, or dead-lettered.
+    fn finish(&mut self, topic: &str, partition: i32, offset: i64) {
+        self.tracker.done(topic, partition, offset);
+        self.backlog.done(topic, partition, offset);
+    }
+
+    /// The age of each topic's oldest unreplicated record against its retention, for `/metrics`
+    /// and `/readyz`.
+    fn publish_retention(&self) {
+        let now = crate::job::now_ms();
+        let usage: BTreeMap<_, _> = self
+            .retention
+            .iter()
+            .map(|(topic, ms)| (topic.clone(), self.backlog.usage(topic, *ms, now)))
+            .collect();
+        if let Ok(mut map) = self.stats.uplink_retention.lock() {
+            *map = usage;
+        }
+    }
+
+    async fn on_result(&mut self, m: &BorrowedMessage<'_>) {
+        let pos = self.read(m);
         let mut record = Record::from_message(m);
         if let Ok(result) = InferenceResult::decode(record.value.as_slice()) {
             let send = matches!(self.selector.decide(&result, Instant::now()), Verdict::Send);
@@ -511,8 +621,7 @@ impl Replicator {
     }
 
     async fn on_frame(&mut self, m: &BorrowedMessage<'_>) {
-        let pos = position(m);
-        self.tracker.started(&pos.0, pos.1, pos.2);
+        let pos = self.read(m);
         let record = Record::from_message(m);
         match record.kind {
             RecordKind::Frame => match Frame::decode(record.value.as_slice()) {
@@ -545,7 +654,7 @@ impl Replicator {
                     position: (t, p, o),
                 } => {
                     log::debug!("uplink: {t}/{p}@{o} is a chunk of a finished frame; skipped");
-                    self.tracker.done(&t, p, o);
+                    self.finish(&t, p, o);
                 }
             }
         }
@@ -616,7 +725,7 @@ impl Replicator {
         log::debug!("uplink: frame not replicated ({why})");
         Stats::incr(&self.stats.uplink_filtered);
         for (t, p, o) in positions {
-            self.tracker.done(&t, p, o);
+            self.finish(&t, p, o);
         }
     }
 
@@ -841,7 +950,7 @@ impl Replicator {
             self.backoff.reset();
         }
         for (t, p, o) in batch.positions {
-            self.tracker.done(&t, p, o);
+            self.finish(&t, p, o);
         }
     }
 
@@ -960,6 +1069,13 @@ mod tests {
             assert_eq!(refusal(&produce(code)), Refusal::Permanent, "{code:?}");
             assert_eq!(refusal_reason(&produce(code)), reason, "{code:?}");
         }
+    }
+
+    #[test]
+    fn a_checkpoint_below_the_log_start_resumes_at_the_log_start() {
+        let c = local_consumer_config(&Config::default(), "g");
+        assert_eq!(c.get("auto.offset.reset"), Some("earliest"));
+        assert_eq!(c.get("enable.auto.commit"), Some("false"));
     }
 
     #[test]
