@@ -70,6 +70,9 @@ fn metrics_endpoint_counts_what_the_run_produced() {
 
     let mut corrupt_jpeg = vec![0xFF, 0xD8, 0xFF, 0xE0];
     corrupt_jpeg.extend(std::iter::repeat_n(0x5A, 4096));
+    // Complete (it ends with the end-of-image marker) but not a picture: decode-failed, not
+    // truncated.
+    corrupt_jpeg.extend([0xFF, 0xD9]);
     let photos = ["chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg"];
     let mut messages: Vec<(String, Vec<u8>)> = photos
         .iter()

@@ -198,6 +198,9 @@ fn bad_input_is_dead_lettered_and_the_node_keeps_going() {
         .unwrap();
     let mut corrupt_jpeg = vec![0xFF, 0xD8, 0xFF, 0xE0];
     corrupt_jpeg.extend(std::iter::repeat_n(0x5A, 4096));
+    // Complete (it ends with the end-of-image marker) but not a picture: decode-failed, not
+    // truncated.
+    corrupt_jpeg.extend([0xFF, 0xD9]);
     let mut too_big = vec![0xFF, 0xD8, 0xFF, 0xE0];
     // Over the 24 MiB frame limit: rumqttc must still take it (its default limit is 10 KiB).
     too_big.resize(25 << 20, 0x11);

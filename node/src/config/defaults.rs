@@ -141,6 +141,11 @@ impl Default for InferenceConfig {
             when_behind: WhenBehind::Backpressure,
             max_frame_age_ms: 2000,
             min_image_side: 16,
+            // Fits a 64-bit edge box: a 40 MP frame decodes to 120 MB (RGB), and cameras of
+            // 8K (7680 x 4320, 33 MP) pass.
+            max_image_side: 8192,
+            max_image_pixels: 40_000_000,
+            truncated: WhenTruncated::DeadLetter,
         }
     }
 }

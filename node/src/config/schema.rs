@@ -320,6 +320,24 @@ pub struct InferenceConfig {
     pub max_frame_age_ms: u64,
     /// Images narrower or shorter than this are rejected as unusable.
     pub min_image_side: u32,
+    /// Largest image accepted, checked from its header before it is decoded: pixels a side, and
+    /// pixels in all (a decoded image costs 3 to 8 bytes a pixel). More is `too-many-pixels`.
+    pub max_image_side: u32,
+    pub max_image_pixels: u64,
+    /// What to do with an image that is cut short (a JPEG without its end marker, a PNG without
+    /// its IEND chunk).
+    pub truncated: WhenTruncated,
+}
+
+/// What happens to a truncated image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenTruncated {
+    /// A dead letter `truncated`: a half picture is not a picture.
+    DeadLetter,
+    /// Infer what decodes (a JPEG decodes grey below the cut), the result saying so in its
+    /// `status_detail`; a PNG that does not decode is still a dead letter.
+    Infer,
 }
 
 impl Config {

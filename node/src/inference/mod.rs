@@ -1,6 +1,8 @@
 //! Inference: a decoded image in, a [`fovea_proto::v1::ModelOutput`] out.
 //!
 //! The flow, one file per step:
+//! - [`decode`]: the frame's bytes to an upright image, within the pixel limits, with damage
+//!   named (`too-many-pixels`, `truncated`, `too-small`, `decode-failed`).
 //! - [`manifest`]: each model folder holds `manifest.toml` (schema in `models/README.md`): the
 //!   .onnx file, labels, how to build the input tensor and where the results are in the outputs.
 //!   [`load_models`] reads them once at start-up into shared, immutable [`Model`]s (metadata,
@@ -22,6 +24,7 @@
 //! Nothing here panics on bad input: an unusable image or unexpected output is an
 //! [`InferenceError`] for that frame.
 
+pub mod decode;
 mod engine;
 mod error;
 pub mod manifest;

@@ -22,6 +22,17 @@ pub enum Rejection {
     #[error("image is {width}x{height} pixels; the minimum is {min}x{min}")]
     TooSmall { width: u32, height: u32, min: u32 },
     #[error(
+        "image is {width}x{height} pixels; at most {max_side} a side and {max_pixels} pixels are allowed (inference.max_image_side, inference.max_image_pixels)"
+    )]
+    TooManyPixels {
+        width: u32,
+        height: u32,
+        max_side: u32,
+        max_pixels: u64,
+    },
+    #[error("{0}")]
+    Truncated(String),
+    #[error(
         "camera metadata of {bytes} bytes in {entries} entries exceeds mqtt.max_metadata_bytes ({limit})"
     )]
     MetadataTooLarge {
@@ -51,6 +62,8 @@ impl Rejection {
             Rejection::BadTopic(_) => "bad-topic",
             Rejection::Decode(_) => "decode-failed",
             Rejection::TooSmall { .. } => "too-small",
+            Rejection::TooManyPixels { .. } => "too-many-pixels",
+            Rejection::Truncated(_) => "truncated",
             Rejection::BadChunk(_) => "bad-chunk",
             Rejection::ChunksIncomplete(_) => "chunks-incomplete",
             Rejection::ChunkRejected(_) => "chunk-rejected",

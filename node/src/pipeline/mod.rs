@@ -85,7 +85,7 @@ pub async fn run(
         router,
         policy: cfg.inference.when_behind,
         max_age: Duration::from_millis(cfg.inference.max_frame_age_ms),
-        min_side: cfg.inference.min_image_side,
+        image: crate::inference::decode::ImageLimits::from_config(&cfg.inference),
         max_metadata: cfg.mqtt.max_metadata_bytes,
         stats: stats.clone(),
     };

@@ -7,14 +7,13 @@
 
 use super::routes::Router;
 use crate::config::{InferenceConfig, WhenBehind};
+use crate::inference::decode::{ImageLimits, decode};
 use crate::inference::{Engine, Model};
 use crate::ingress::payload;
-use crate::job::Rejection;
 use crate::job::{Done, Job, Verdict};
 use crate::stats::{Stage, Stats};
 use fovea_proto::v1::{FrameDisposition, InferenceResult, inference_result::Status};
-use image::{DynamicImage, ImageFormat, ImageReader};
-use std::io::Cursor;
+use image::DynamicImage;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -37,7 +36,8 @@ pub struct WorkerShared {
     pub router: Arc<Router>,
     pub policy: WhenBehind,
     pub max_age: Duration,
-    pub min_side: u32,
+    /// Pixel limits and what to do with damaged images (`[inference]`).
+    pub image: ImageLimits,
     /// `mqtt.max_metadata_bytes`.
     pub max_metadata: usize,
     pub stats: Arc<Stats>,
@@ -90,7 +90,7 @@ pub fn process(shared: &WorkerShared, engine: &mut Engine, job: Job) -> Done {
             let decoded = if stale {
                 Ok(None)
             } else {
-                decode(&frame.data, &frame.content_type, shared.min_side).map(Some)
+                decode(&frame.data, &frame.content_type, &shared.image).map(Some)
             };
             match decoded {
                 Err(rejection) => Verdict::Rejected { rejection, payload },
@@ -102,9 +102,10 @@ pub fn process(shared: &WorkerShared, engine: &mut Engine, job: Job) -> Done {
                         &meta.camera,
                         &payload::frame_id(&frame),
                     );
-                    if let Some(img) = &image {
-                        frame.width = img.width();
-                        frame.height = img.height();
+                    // The sides of the picture as inferred: upright, after EXIF orientation.
+                    if let Some(d) = &image {
+                        frame.width = d.image.width();
+                        frame.height = d.image.height();
                     }
                     let mut result = base_result(&frame, meta.node_seq);
                     match image {
@@ -117,7 +118,14 @@ pub fn process(shared: &WorkerShared, engine: &mut Engine, job: Job) -> Done {
                                 shared.max_age.as_millis()
                             );
                         }
-                        Some(img) => infer(shared, engine, &meta.camera, &img, &mut result),
+                        Some(d) => {
+                            infer(shared, engine, &meta.camera, &d.image, &mut result);
+                            if let Some(caveat) = d.caveat
+                                && result.status_detail.is_empty()
+                            {
+                                result.status_detail = caveat;
+                            }
+                        }
                     }
                     if let Some(claims) = &shared.claims {
                         claim_check(claims, &mut frame);
@@ -197,28 +205,6 @@ fn claim_check(claims: &Claims, frame: &mut fovea_proto::v1::Frame) {
     }
 }
 
-/// Decodes an image, refusing decompression bombs (the `image` crate's default allocation limit)
-/// and images too small to mean anything.
-pub fn decode(data: &[u8], content_type: &str, min_side: u32) -> Result<DynamicImage, Rejection> {
-    let format = if content_type == payload::PNG {
-        ImageFormat::Png
-    } else {
-        ImageFormat::Jpeg
-    };
-    let image = ImageReader::with_format(Cursor::new(data), format)
-        .decode()
-        .map_err(|e| Rejection::Decode(e.to_string()))?;
-    let (width, height) = (image.width(), image.height());
-    if width < min_side || height < min_side {
-        return Err(Rejection::TooSmall {
-            width,
-            height,
-            min: min_side,
-        });
-    }
-    Ok(image)
-}
-
 fn base_result(frame: &fovea_proto::v1::Frame, node_seq: u64) -> InferenceResult {
     InferenceResult {
         record_id: frame.record_id.clone(),
@@ -237,40 +223,5 @@ fn base_result(frame: &fovea_proto::v1::Frame, node_seq: u64) -> InferenceResult
             ..FrameDisposition::default()
         }),
         ..InferenceResult::default()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn png(width: u32, height: u32) -> Vec<u8> {
-        let img = DynamicImage::new_rgb8(width, height);
-        let mut out = Vec::new();
-        img.write_to(&mut Cursor::new(&mut out), ImageFormat::Png)
-            .unwrap();
-        out
-    }
-
-    #[test]
-    fn decode_checks_size_and_corruption() {
-        assert!(decode(&png(32, 20), payload::PNG, 16).is_ok());
-        let small = decode(&png(1, 1), payload::PNG, 16).unwrap_err();
-        assert_eq!(small.kind(), "too-small");
-        assert_eq!(
-            small.to_string(),
-            "image is 1x1 pixels; the minimum is 16x16"
-        );
-        let mut truncated = png(64, 64);
-        truncated.truncate(truncated.len() / 2);
-        assert_eq!(
-            decode(&truncated, payload::PNG, 16).unwrap_err().kind(),
-            "decode-failed"
-        );
-        let corrupt_jpeg = [0xFF, 0xD8, 0xFF, 0xE0, 1, 2, 3, 4, 5];
-        assert_eq!(
-            decode(&corrupt_jpeg, payload::JPEG, 16).unwrap_err().kind(),
-            "decode-failed"
-        );
     }
 }

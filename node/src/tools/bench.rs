@@ -8,8 +8,9 @@
 //! Prints frames/s for both, their ratio, per-stage latency p50/p99, and peak RSS.
 
 use crate::config::Config;
+use crate::inference::decode::{ImageLimits, decode};
 use crate::inference::{self, Engine};
-use crate::pipeline::{self, workers};
+use crate::pipeline;
 use crate::stats::{STAGES, Stats};
 use crate::tools::camera::{read_images, split_host_port};
 use anyhow::Context;
@@ -203,9 +204,13 @@ fn limit(
         engines.push(Engine::new(&prepared.models, cfg.inference.intra_threads)?);
     }
     let models = prepared.router.models_for("cam-1").to_vec();
+    let limits = ImageLimits {
+        min_side: 1,
+        ..ImageLimits::from_config(&cfg.inference)
+    };
     // Warm-up: the first run of a session allocates.
     for engine in &mut engines {
-        let img = workers::decode(&frames[0], sniffed(&frames[0]), 1)?;
+        let img = decode(&frames[0], sniffed(&frames[0]), &limits)?.image;
         for m in &models {
             engine.run(&m.name, &img)?;
         }
@@ -218,11 +223,8 @@ fn limit(
                 let models = &models;
                 s.spawn(move || -> anyhow::Result<()> {
                     for i in 0..per_worker {
-                        let img = workers::decode(
-                            &frames[i as usize % frames.len()],
-                            sniffed(&frames[i as usize % frames.len()]),
-                            1,
-                        )?;
+                        let frame = &frames[i as usize % frames.len()];
+                        let img = decode(frame, sniffed(frame), &limits)?.image;
                         for m in models {
                             engine.run(&m.name, &img)?;
                         }

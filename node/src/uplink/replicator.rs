@@ -134,6 +134,8 @@ pub struct Replicator {
     local: FutureProducer,
     /// The cloud's record limit (`uplink.record_limit_bytes`) and the local one.
     limit: RecordLimit,
+    /// The node's pixel limits (`[inference]`), for decoding frames into thumbnails.
+    image_limits: image::Limits,
     local_limit: RecordLimit,
     deadletter_topic: String,
     bucket: TokenBucket,
@@ -389,6 +391,8 @@ pub async fn run(
         generation: 0,
         local,
         limit: RecordLimit::new(u.record_limit_bytes),
+        image_limits: crate::inference::decode::ImageLimits::from_config(&cfg.inference)
+            .decoder_limits(),
         local_limit: RecordLimit::new(cfg.kafka.record_limit_bytes),
         deadletter_topic: u.deadletter_topic.clone(),
         bucket: TokenBucket::new(
@@ -683,7 +687,7 @@ impl Replicator {
         let mut extra = vec![(EDGE_NODE.to_string(), self.node_id.clone())];
         let side = self.cfg.frames.thumbnail_max_side;
         if side > 0 && !frame.data.is_empty() {
-            match thumbnail(&frame.data, side, 85) {
+            match thumbnail(&frame.data, side, 85, self.image_limits.clone()) {
                 Ok((jpeg, w, hgt)) => {
                     frame.data = jpeg.into();
                     frame.content_type = "image/jpeg".into();

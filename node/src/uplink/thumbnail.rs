@@ -35,6 +35,7 @@ pub fn thumbnail(
     data: &[u8],
     max_side: u32,
     quality: u8,
+    limits: image::Limits,
 ) -> Result<(Vec<u8>, u32, u32), ThumbnailError> {
     if max_side == 0 {
         return Err(ThumbnailError::ZeroMaxSide);
@@ -49,6 +50,9 @@ pub fn thumbnail(
             return Err(ThumbnailError::Unsupported { found });
         }
     }
+    // The node's pixel limits: a local record is not trusted to be small once decoded.
+    let mut reader = reader;
+    reader.limits(limits);
     let image = reader.decode().map_err(ThumbnailError::Decode)?;
     let (width, height) = fit(image.width(), image.height(), max_side);
     let image = if (width, height) == (image.width(), image.height()) {
@@ -115,7 +119,7 @@ mod tests {
 
     #[test]
     fn png_is_shrunk_keeping_aspect() {
-        let (jpeg, w, h) = thumbnail(CHELSEA, 128, 80).unwrap();
+        let (jpeg, w, h) = thumbnail(CHELSEA, 128, 80, image::Limits::default()).unwrap();
         assert_eq!((w, h), (128, 85));
         assert_jpeg(&jpeg, 128, 85);
         assert!(jpeg.len() < CHELSEA.len() / 10, "{} bytes", jpeg.len());
@@ -123,27 +127,27 @@ mod tests {
 
     #[test]
     fn jpeg_is_shrunk_keeping_aspect() {
-        let (jpeg, w, h) = thumbnail(ROCKET, 128, 80).unwrap();
+        let (jpeg, w, h) = thumbnail(ROCKET, 128, 80, image::Limits::default()).unwrap();
         assert_eq!((w, h), (128, 85)); // 640x427
         assert_jpeg(&jpeg, 128, 85);
     }
 
     #[test]
     fn smaller_image_is_not_enlarged() {
-        let (jpeg, w, h) = thumbnail(CHELSEA, 1000, 80).unwrap();
+        let (jpeg, w, h) = thumbnail(CHELSEA, 1000, 80, image::Limits::default()).unwrap();
         assert_eq!((w, h), (451, 300));
         assert_jpeg(&jpeg, 451, 300);
-        let (_, w, h) = thumbnail(CHELSEA, 451, 80).unwrap();
+        let (_, w, h) = thumbnail(CHELSEA, 451, 80, image::Limits::default()).unwrap();
         assert_eq!((w, h), (451, 300));
     }
 
     #[test]
     fn portrait_and_extreme_aspects() {
         let tall = png(DynamicImage::ImageRgb8(image::RgbImage::new(30, 200)));
-        let (_, w, h) = thumbnail(&tall, 50, 80).unwrap();
+        let (_, w, h) = thumbnail(&tall, 50, 80, image::Limits::default()).unwrap();
         assert_eq!((w, h), (8, 50)); // 7.5 rounds up
         let strip = png(DynamicImage::ImageRgb8(image::RgbImage::new(1000, 1)));
-        let (jpeg, w, h) = thumbnail(&strip, 10, 80).unwrap();
+        let (jpeg, w, h) = thumbnail(&strip, 10, 80, image::Limits::default()).unwrap();
         assert_eq!((w, h), (10, 1));
         assert_jpeg(&jpeg, 10, 1);
     }
@@ -151,26 +155,44 @@ mod tests {
     #[test]
     fn alpha_gray_and_16_bit_images_encode() {
         let rgba = png(DynamicImage::ImageRgba8(image::RgbaImage::new(64, 32)));
-        assert_jpeg(&thumbnail(&rgba, 16, 80).unwrap().0, 16, 8);
+        assert_jpeg(
+            &thumbnail(&rgba, 16, 80, image::Limits::default())
+                .unwrap()
+                .0,
+            16,
+            8,
+        );
         let gray = png(DynamicImage::ImageLuma8(image::GrayImage::new(64, 32)));
-        assert_jpeg(&thumbnail(&gray, 16, 80).unwrap().0, 16, 8);
+        assert_jpeg(
+            &thumbnail(&gray, 16, 80, image::Limits::default())
+                .unwrap()
+                .0,
+            16,
+            8,
+        );
         let deep = png(DynamicImage::ImageRgb16(image::ImageBuffer::new(64, 32)));
-        assert_jpeg(&thumbnail(&deep, 16, 80).unwrap().0, 16, 8);
+        assert_jpeg(
+            &thumbnail(&deep, 16, 80, image::Limits::default())
+                .unwrap()
+                .0,
+            16,
+            8,
+        );
     }
 
     #[test]
     fn lower_quality_is_smaller() {
-        let (low, ..) = thumbnail(ROCKET, 320, 30).unwrap();
-        let (high, ..) = thumbnail(ROCKET, 320, 95).unwrap();
+        let (low, ..) = thumbnail(ROCKET, 320, 30, image::Limits::default()).unwrap();
+        let (high, ..) = thumbnail(ROCKET, 320, 95, image::Limits::default()).unwrap();
         assert!(low.len() < high.len(), "{} vs {}", low.len(), high.len());
         // Out-of-range qualities are clamped, not errors.
-        thumbnail(ROCKET, 64, 0).unwrap();
-        thumbnail(ROCKET, 64, 255).unwrap();
+        thumbnail(ROCKET, 64, 0, image::Limits::default()).unwrap();
+        thumbnail(ROCKET, 64, 255, image::Limits::default()).unwrap();
     }
 
     #[test]
     fn bad_input_errors_say_what_to_do() {
-        let err = thumbnail(b"not an image at all", 128, 80).unwrap_err();
+        let err = thumbnail(b"not an image at all", 128, 80, image::Limits::default()).unwrap_err();
         assert!(matches!(err, ThumbnailError::Unsupported { .. }), "{err:?}");
         assert!(
             err.to_string().contains("send it unchanged or skip it"),
@@ -179,14 +201,14 @@ mod tests {
 
         // (A truncated JPEG decodes, gray below the cut, as the JPEG decoder is lenient.)
         let truncated = &CHELSEA[..CHELSEA.len() / 3];
-        let err = thumbnail(truncated, 128, 80).unwrap_err();
+        let err = thumbnail(truncated, 128, 80, image::Limits::default()).unwrap_err();
         assert!(matches!(err, ThumbnailError::Decode(_)), "{err:?}");
 
         let gif = b"GIF89a\x01\x00\x01\x00\x00\x00\x00;";
-        let err = thumbnail(gif, 128, 80).unwrap_err();
+        let err = thumbnail(gif, 128, 80, image::Limits::default()).unwrap_err();
         assert!(err.to_string().contains("Gif"), "{err}");
 
-        let err = thumbnail(CHELSEA, 0, 80).unwrap_err();
+        let err = thumbnail(CHELSEA, 0, 80, image::Limits::default()).unwrap_err();
         assert!(matches!(err, ThumbnailError::ZeroMaxSide), "{err:?}");
     }
 
