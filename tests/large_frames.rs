@@ -261,7 +261,9 @@ fn claim_check_record_holds_a_reference_to_identical_bytes() {
     let result = InferenceResult::decode(results[0].payload().unwrap()).unwrap();
     assert_eq!(result.frame.unwrap().size_policy, "claim-check");
     let out = dir.path().join("export");
-    let summary = export_frames(&kafka, &out);
+    // The node's config names the blob store's URL: the one prefix export fetches from.
+    let config = dir.path().join("fovea.toml");
+    let summary = export_frames_with(&kafka, &out, &["--config", config.to_str().unwrap()]);
     assert!(summary.contains("1 claim-check"), "{summary}");
     assert!(exported(&out, "claimed") == image);
 }

@@ -160,7 +160,7 @@ fn run(command: Command, log_level: Option<&str>) -> anyhow::Result<()> {
             let summary = runtime.block_on(tools::export::run(args))?;
             println!("{summary}");
             anyhow::ensure!(
-                summary.incomplete == 0 && summary.failed == 0,
+                summary.incomplete == 0 && summary.failed == 0 && summary.refused == 0,
                 "some frames could not be exported"
             );
             Ok(())

@@ -761,18 +761,32 @@ pub fn frames_by_frame(records: &[OwnedMessage]) -> ByFrame {
 /// Runs `fovea frames export` of the frames topic into `out` (reassembling chunks, checking
 /// each frame's CRC); fails the test unless it exits 0. Returns its summary line.
 pub fn export_frames(kafka: &Kafka, out: &Path) -> String {
-    let (code, stdout, stderr) = fovea(&[
+    export_frames_with(kafka, out, &[])
+}
+
+/// Same with `extra` arguments (e.g. `--config` for the claim-check URLs it may fetch).
+pub fn export_frames_with(kafka: &Kafka, out: &Path, extra: &[&str]) -> String {
+    let (code, stdout, stderr) = run_export(kafka, out, extra);
+    assert_eq!(code, Some(0), "export failed: {stdout}{stderr}");
+    stdout
+}
+
+/// Runs `fovea frames export` into `out` with `extra` arguments, whatever its exit code:
+/// (exit code, stdout, stderr).
+pub fn run_export(kafka: &Kafka, out: &Path, extra: &[&str]) -> (Option<i32>, String, String) {
+    let brokers = kafka.brokers();
+    let mut args = vec![
         "frames",
         "export",
         "--brokers",
-        &kafka.brokers(),
+        &brokers,
         "--out",
         out.to_str().expect("utf-8 path"),
         "--idle-exit",
         "8",
-    ]);
-    assert_eq!(code, Some(0), "export failed: {stdout}{stderr}");
-    stdout
+    ];
+    args.extend_from_slice(extra);
+    fovea(&args)
 }
 
 /// Noise PNGs (side 183 ~ 100 KB, 606 ~ 1.1 MB, 1155 ~ 4 MB, 4083 ~ 50 MB): the bench's generator.

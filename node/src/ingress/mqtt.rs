@@ -7,7 +7,7 @@
 use super::backoff::Backoff;
 use super::chunked::{ChunkedUploads, Upload};
 use super::payload::Rejection;
-use super::topic;
+use super::topic::{self, TopicMatch};
 use crate::config::{LargeFramesConfig, MqttConfig};
 use crate::job::Ack;
 use crate::job::{Done, Job, JobMeta, Verdict};
@@ -25,6 +25,10 @@ use tokio::sync::{mpsc::UnboundedSender, watch};
 /// redeliver it forever; so the client accepts anything MQTT can carry and fovea refuses
 /// oversized frames itself, with a dead letter.
 const MQTT_MAX_PACKET: usize = 268_435_455;
+
+/// The camera of a dead letter whose topic names no (safe) camera: the id the topic held is in
+/// the reason, never in a record id or key.
+const UNKNOWN_CAMERA: &str = "_unknown";
 
 pub struct Ingress {
     cfg: MqttConfig,
@@ -187,20 +191,31 @@ impl Ingress {
     async fn accept(&mut self, publish: Publish) {
         let source = format!("mqtt:{}", publish.topic);
         let ack = Ack::new(self.client.clone(), &publish);
-        if let Some(camera) = topic::camera_id(&self.cfg.chunk_topics, &publish.topic) {
-            let camera = camera.to_string();
-            let uploads = self
-                .chunks
-                .push(&camera, &publish.payload, ack, Instant::now());
-            self.finish_uploads(uploads, &source).await;
-            return;
-        }
-        let Some(camera) = topic::camera_id(&self.cfg.topics, &publish.topic) else {
-            let rejection = Rejection::BadTopic(publish.topic.clone());
-            self.refuse("_unknown", source, ack, rejection, publish.payload);
-            return;
+        let chunk = topic::classify(&self.cfg.chunk_topics, &publish.topic);
+        let camera = match (chunk, topic::classify(&self.cfg.topics, &publish.topic)) {
+            (TopicMatch::Camera(camera), _) => {
+                let camera = camera.to_string();
+                let uploads = self
+                    .chunks
+                    .push(&camera, &publish.payload, ack, Instant::now());
+                self.finish_uploads(uploads, &source).await;
+                return;
+            }
+            (TopicMatch::BadCamera(id), _) | (_, TopicMatch::BadCamera(id)) => {
+                let rejection = Rejection::BadCameraId {
+                    topic: publish.topic.clone(),
+                    why: topic::why_invalid(id),
+                };
+                self.refuse(UNKNOWN_CAMERA, source, ack, rejection, publish.payload);
+                return;
+            }
+            (TopicMatch::NoMatch, TopicMatch::NoMatch) => {
+                let rejection = Rejection::BadTopic(publish.topic.clone());
+                self.refuse(UNKNOWN_CAMERA, source, ack, rejection, publish.payload);
+                return;
+            }
+            (TopicMatch::NoMatch, TopicMatch::Camera(camera)) => camera.to_string(),
         };
-        let camera = camera.to_string();
         let size = publish.payload.len();
         if size > self.cfg.max_frame_bytes {
             let limit = self.cfg.max_frame_bytes;

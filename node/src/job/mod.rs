@@ -1,15 +1,18 @@
 //! What travels between the stages: a [`Job`] from ingress to the workers, a [`Done`] from the
 //! workers (or straight from ingress, for payloads refused at the door) to the outbox, with the
-//! MQTT acknowledgement ([`Ack`]) it carries, the reasons a payload is refused ([`Rejection`]) and
-//! the record ids every stage names frames by. A leaf: it depends on no other stage, so ingress,
+//! MQTT acknowledgement ([`Ack`]) it carries, the reasons a payload is refused ([`Rejection`]),
+//! the guard that turns a panic on one frame into such a reason ([`contain`]) and the record ids
+//! every stage names frames by. A leaf: it depends on no other stage, so ingress,
 //! pipeline and outbox depend on it and not on each other.
 
 mod ack;
+mod panic;
 mod rejection;
 
 pub use ack::Ack;
 use bytes::Bytes;
 use fovea_proto::v1::{Frame, InferenceResult};
+pub use panic::contain;
 pub use rejection::Rejection;
 use sha2::{Digest, Sha256};
 use std::time::Instant;

@@ -17,6 +17,9 @@ pub enum Rejection {
     CameraMismatch { envelope: String, topic: String },
     #[error("topic {0:?} does not name a camera under any subscribed filter")]
     BadTopic(String),
+    /// The topic matched a subscribed filter, but its camera level is not a safe camera id.
+    #[error("topic {topic:?} names camera {why}")]
+    BadCameraId { topic: String, why: String },
     #[error("image could not be decoded: {0}")]
     Decode(String),
     #[error("image is {width}x{height} pixels; the minimum is {min}x{min}")]
@@ -46,6 +49,10 @@ pub enum Rejection {
     ChunksIncomplete(String),
     #[error("chunked upload rejected: {0}")]
     ChunkRejected(String),
+    /// A worker panicked on this frame (a bug in fovea or a library it uses, not the camera's
+    /// fault); the frame is dead-lettered and acked so that it is not redelivered forever.
+    #[error("internal error while processing the frame: {0}")]
+    Internal(String),
 }
 
 impl Rejection {
@@ -60,6 +67,7 @@ impl Rejection {
             Rejection::UnsupportedType(_) => "unsupported-type",
             Rejection::CameraMismatch { .. } => "camera-mismatch",
             Rejection::BadTopic(_) => "bad-topic",
+            Rejection::BadCameraId { .. } => "bad-camera-id",
             Rejection::Decode(_) => "decode-failed",
             Rejection::TooSmall { .. } => "too-small",
             Rejection::TooManyPixels { .. } => "too-many-pixels",
@@ -67,6 +75,7 @@ impl Rejection {
             Rejection::BadChunk(_) => "bad-chunk",
             Rejection::ChunksIncomplete(_) => "chunks-incomplete",
             Rejection::ChunkRejected(_) => "chunk-rejected",
+            Rejection::Internal(_) => "internal-error",
         }
     }
 }

@@ -29,14 +29,27 @@ pub struct RecordPlanner {
 }
 
 impl RecordPlanner {
-    /// The records for one finished job, in the order they must be written.
+    /// The records for one finished job, in the order they must be written. A panic while
+    /// building them (encoding, sizing, chunking) is this frame's problem only: its records are
+    /// replaced by one `internal-error` dead letter, so that the frame is still acked.
     pub fn plan(&self, done: &Done) -> Vec<Record> {
-        match &done.verdict {
+        crate::job::contain(|| match &done.verdict {
             Verdict::Frame { frame, result } => self.plan_frame(frame, result),
             Verdict::Rejected { rejection, payload } => {
                 vec![self.rejected(&done.meta, rejection, payload)]
             }
-        }
+        })
+        .unwrap_or_else(|rejection| {
+            log::error!(
+                "building the records of a frame from {} panicked: {rejection}",
+                done.meta.source
+            );
+            let payload = match &done.verdict {
+                Verdict::Frame { frame, .. } => &frame.data,
+                Verdict::Rejected { payload, .. } => payload,
+            };
+            vec![self.rejected(&done.meta, &rejection, payload)]
+        })
     }
 
     fn plan_frame(&self, frame: &Frame, result: &InferenceResult) -> Vec<Record> {

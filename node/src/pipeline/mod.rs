@@ -88,6 +88,7 @@ pub async fn run(
         image: crate::inference::decode::ImageLimits::from_config(&cfg.inference),
         max_metadata: cfg.mqtt.max_metadata_bytes,
         stats: stats.clone(),
+        panic_on_metadata: workers::test_panic_key(),
     };
     let threads = workers::spawn(&cfg.inference, &models, shared, jobs_rx, done_tx.clone())?;
     log::info!(

@@ -4,14 +4,17 @@
 //!
 //! A worker turns every job into exactly one [`Done`]: a frame with its result (OK, skipped or
 //! failed) or a rejection. The outbox relies on that to keep each camera's records in order.
+//! That holds when the work panics too: the panic becomes the frame's `internal-error` dead
+//! letter (see [`crate::job::contain`]) and the thread takes the next job.
 
 use super::routes::Router;
 use crate::config::{InferenceConfig, WhenBehind};
 use crate::inference::decode::{ImageLimits, decode};
 use crate::inference::{Engine, Model};
 use crate::ingress::payload;
-use crate::job::{Done, Job, Verdict};
+use crate::job::{Done, Job, JobMeta, Verdict};
 use crate::stats::{Stage, Stats};
+use bytes::Bytes;
 use fovea_proto::v1::{FrameDisposition, InferenceResult, inference_result::Status};
 use image::DynamicImage;
 use std::sync::Arc;
@@ -41,6 +44,29 @@ pub struct WorkerShared {
     /// `mqtt.max_metadata_bytes`.
     pub max_metadata: usize,
     pub stats: Arc<Stats>,
+    /// Test-only: panic where inference would start on frames whose camera metadata has this
+    /// key (see [`test_panic_key`]).
+    pub panic_on_metadata: Option<String>,
+}
+
+/// The variable that arms the test-only panic: `FOVEA_TEST_PANIC_ON_METADATA=key`.
+pub const TEST_PANIC_ENV: &str = "FOVEA_TEST_PANIC_ON_METADATA";
+
+/// Test-only hook for the end-to-end test of panic containment: the metadata key that makes a
+/// worker panic, from [`TEST_PANIC_ENV`], read once at start.
+///
+/// An environment variable rather than a cargo feature: the end-to-end tests run the very binary
+/// that is shipped (`CARGO_BIN_EXE_fovea`), and a feature would mean building and testing another
+/// one. Set by mistake it does no harm beyond what it says: frames carrying that key become
+/// `internal-error` dead letters (and acked); a node started with it logs a warning.
+pub fn test_panic_key() -> Option<String> {
+    let key = std::env::var(TEST_PANIC_ENV)
+        .ok()
+        .filter(|k| !k.is_empty())?;
+    log::warn!(
+        "{TEST_PANIC_ENV} is set (test-only): workers will panic on frames with metadata key {key:?}"
+    );
+    Some(key)
 }
 
 /// Starts `cfg.workers` threads. Sessions are created before this returns, so a model that does
@@ -74,7 +100,9 @@ pub fn spawn(
     Ok(handles)
 }
 
-/// Decodes, checks and infers one job.
+/// Decodes, checks and infers one job. A panic on the way becomes the frame's dead letter
+/// (`internal-error`): the job's metadata, and with it the MQTT ack, stays out of the guarded
+/// work, so the frame is still acked once the dead letter is durable.
 pub fn process(shared: &WorkerShared, engine: &mut Engine, job: Job) -> Done {
     let Job { mut meta, payload } = job;
     let started = Instant::now();
@@ -82,7 +110,32 @@ pub fn process(shared: &WorkerShared, engine: &mut Engine, job: Job) -> Done {
     shared
         .stats
         .record(Stage::Queue, started.duration_since(meta.received));
-    let verdict = match payload::parse(&meta.camera, payload.clone(), shared.max_metadata) {
+    let verdict = crate::job::contain(|| judge(shared, engine, &meta, started, payload.clone()))
+        .unwrap_or_else(|rejection| {
+            log::error!(
+                "a worker panicked on a frame from {}; dead-lettered as {}: {rejection}",
+                meta.source,
+                rejection.kind()
+            );
+            Verdict::Rejected { rejection, payload }
+        });
+    let finished = Instant::now();
+    meta.finished = Some(finished);
+    shared
+        .stats
+        .record(Stage::Inference, finished.duration_since(started));
+    Done { meta, verdict }
+}
+
+/// What becomes of one frame: parsed, decoded, inferred (or skipped), claim-checked.
+fn judge(
+    shared: &WorkerShared,
+    engine: &mut Engine,
+    meta: &JobMeta,
+    started: Instant,
+    payload: Bytes,
+) -> Verdict {
+    match payload::parse(&meta.camera, payload.clone(), shared.max_metadata) {
         Err(rejection) => Verdict::Rejected { rejection, payload },
         Ok(mut frame) => {
             let stale = shared.policy == WhenBehind::SkipStale
@@ -137,13 +190,7 @@ pub fn process(shared: &WorkerShared, engine: &mut Engine, job: Job) -> Done {
                 }
             }
         }
-    };
-    let finished = Instant::now();
-    meta.finished = Some(finished);
-    shared
-        .stats
-        .record(Stage::Inference, finished.duration_since(started));
-    Done { meta, verdict }
+    }
 }
 
 fn infer(
@@ -158,6 +205,14 @@ fn infer(
         result.status = Status::NoModel as i32;
         result.status_detail = format!("no route runs a model on camera {camera:?}");
         return;
+    }
+    if let Some(key) = &shared.panic_on_metadata
+        && result.metadata.contains_key(key)
+    {
+        panic!(
+            "{TEST_PANIC_ENV}: panicking on {} as asked (metadata key {key:?})",
+            result.record_id
+        );
     }
     let mut failures = Vec::new();
     for model in models {

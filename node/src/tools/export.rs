@@ -3,7 +3,13 @@
 //! with `fovea_proto::chunks` (the library consumers use too), claim checks are fetched from the
 //! blob store and verified against their SHA-256. Files are `<out>/<camera>/<frame id>.<ext>`, so
 //! a frame delivered twice (at least once) is written once.
+//!
+//! Records are outside input: a record whose camera or frame id is no safe file name, or whose
+//! claim check points outside the allowed URL prefixes (`--allow-url`, by default the node's own
+//! `large_frames.public_url`), is refused with the reason and nothing is written or fetched for
+//! it (see [`super::export_checks`]).
 
+use super::export_checks::{UrlAllowList, frame_path};
 use crate::blobstore;
 use anyhow::Context;
 use clap::Args;
@@ -39,6 +45,39 @@ pub struct ExportArgs {
     /// Seconds a chunked frame may take to complete before it is reported incomplete.
     #[arg(long, default_value_t = 60.0)]
     pub chunk_timeout: f64,
+    /// Fetch claim checks only from URLs under this prefix (repeatable), e.g.
+    /// `http://10.0.0.5:8089`. Default: the node's own `large_frames.public_url`, from --config.
+    #[arg(long = "allow-url", value_name = "PREFIX")]
+    pub allow_url: Vec<String>,
+    /// The node's config file, read only for the default of --allow-url.
+    #[arg(
+        long,
+        short,
+        env = "FOVEA_CONFIG",
+        default_value = "/etc/fovea/fovea.toml"
+    )]
+    pub config: PathBuf,
+}
+
+impl ExportArgs {
+    /// Where claim checks may be fetched from: `--allow-url`, else the config's public URL. A
+    /// config that cannot be read allows nothing (inline and chunked frames still export), and
+    /// each claim check refused says why.
+    pub fn allowed_urls(&self) -> anyhow::Result<UrlAllowList> {
+        if !self.allow_url.is_empty() {
+            return UrlAllowList::new(&self.allow_url).map_err(anyhow::Error::msg);
+        }
+        match crate::config::load(&self.config) {
+            Ok(cfg) => UrlAllowList::new(&[cfg.blob_public_url()]).map_err(|e| {
+                anyhow::anyhow!("{e} (large_frames.public_url of {})", self.config.display())
+            }),
+            Err(e) => Ok(UrlAllowList::none(format!(
+                "no --allow-url was given and the node's config {} could not be read for its                  large_frames.public_url ({})",
+                self.config.display(),
+                e.to_string().lines().next().unwrap_or_default()
+            ))),
+        }
+    }
 }
 
 /// What an export did.
@@ -51,25 +90,29 @@ pub struct Summary {
     pub duplicates: u64,
     pub incomplete: u64,
     pub failed: u64,
+    /// Records refused as unsafe: a path outside the folder, a claim URL not allowed.
+    pub refused: u64,
 }
 
 impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "exported {} frame(s) ({} inline, {} chunked, {} claim-check); {} duplicate(s), {} incomplete, {} failed",
+            "exported {} frame(s) ({} inline, {} chunked, {} claim-check); {} duplicate(s), {} incomplete, {} failed, {} refused",
             self.written,
             self.inline,
             self.chunked,
             self.claimed,
             self.duplicates,
             self.incomplete,
-            self.failed
+            self.failed,
+            self.refused
         )
     }
 }
 
 pub async fn run(args: ExportArgs) -> anyhow::Result<Summary> {
+    let allowed = args.allowed_urls()?;
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &args.brokers)
         .set("group.id", "fovea-export")
@@ -123,14 +166,11 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<Summary> {
                     Some(h::SCHEMA_FRAME) => {
                         let frame = Frame::decode(value).context("undecodable frame record")?;
                         let claimed = frame.claim.is_some();
-                        match write_frame(&args.out, frame, &mut seen).await {
-                            Ok(true) if claimed => summary.claimed += 1,
-                            Ok(true) => summary.inline += 1,
-                            Ok(false) => summary.duplicates += 1,
-                            Err(e) => {
-                                summary.failed += 1;
-                                eprintln!("export: {e:#}");
-                            }
+                        match write_frame(&args.out, frame, &allowed, &mut seen).await {
+                            Ok(Written::New) if claimed => summary.claimed += 1,
+                            Ok(Written::New) => summary.inline += 1,
+                            Ok(Written::Duplicate) => summary.duplicates += 1,
+                            Err(e) => summary.count_error(&e),
                         }
                         Vec::new()
                     }
@@ -147,35 +187,38 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<Summary> {
             }
         };
         for outcome in outcomes {
-            handle(outcome, &args.out, &mut seen, &mut summary).await;
+            handle(outcome, &args.out, &allowed, &mut seen, &mut summary).await;
         }
         summary.written = summary.inline + summary.chunked + summary.claimed;
     }
     // Whatever is still incomplete now will not complete.
     for outcome in aggregator.expire(Instant::now() + timeout * 2) {
-        handle(outcome, &args.out, &mut seen, &mut summary).await;
+        handle(outcome, &args.out, &allowed, &mut seen, &mut summary).await;
     }
     summary.written = summary.inline + summary.chunked + summary.claimed;
     Ok(summary)
 }
 
-async fn handle(outcome: Outcome, out: &Path, seen: &mut HashSet<String>, summary: &mut Summary) {
+async fn handle(
+    outcome: Outcome,
+    out: &Path,
+    allowed: &UrlAllowList,
+    seen: &mut HashSet<String>,
+    summary: &mut Summary,
+) {
     match outcome {
         Outcome::Complete(done) => {
             let written = match Frame::decode(done.payload.clone()) {
-                Ok(frame) => write_frame(out, frame, seen).await,
+                Ok(frame) => write_frame(out, frame, allowed, seen).await,
                 Err(e) => Err(anyhow::anyhow!(
                     "reassembled frame {} does not decode: {e}",
                     done.frame_id
                 )),
             };
             match written {
-                Ok(true) => summary.chunked += 1,
-                Ok(false) => summary.duplicates += 1,
-                Err(e) => {
-                    summary.failed += 1;
-                    eprintln!("export: {e:#}");
-                }
+                Ok(Written::New) => summary.chunked += 1,
+                Ok(Written::Duplicate) => summary.duplicates += 1,
+                Err(e) => summary.count_error(&e),
             }
         }
         Outcome::Incomplete {
@@ -202,10 +245,48 @@ async fn handle(outcome: Outcome, out: &Path, seen: &mut HashSet<String>, summar
     }
 }
 
-/// Writes one frame's image (fetching a claim check); false if this frame was written already.
-async fn write_frame(out: &Path, frame: Frame, seen: &mut HashSet<String>) -> anyhow::Result<bool> {
+/// What `write_frame` did with a frame.
+enum Written {
+    New,
+    /// Written already (the same record id delivered again).
+    Duplicate,
+}
+
+/// A record refused as unsafe (told apart from a failure in the summary).
+#[derive(Debug, thiserror::Error)]
+#[error("refused record: {0}")]
+struct Refused(String);
+
+impl Summary {
+    fn count_error(&mut self, e: &anyhow::Error) {
+        if e.is::<Refused>() {
+            self.refused += 1;
+        } else {
+            self.failed += 1;
+        }
+        eprintln!("export: {e:#}");
+    }
+}
+
+/// Writes one frame's image (fetching a claim check). The file name and the claim URL are checked
+/// before anything is fetched or written.
+async fn write_frame(
+    out: &Path,
+    frame: Frame,
+    allowed: &UrlAllowList,
+    seen: &mut HashSet<String>,
+) -> anyhow::Result<Written> {
+    let ext = if frame.content_type == "image/png" {
+        "png"
+    } else {
+        "jpg"
+    };
+    let path = frame_path(out, &frame.camera_id, &frame.record_id, ext).map_err(Refused)?;
+    if let Some(claim) = &frame.claim {
+        allowed.check(&claim.url).map_err(Refused)?;
+    }
     if !seen.insert(frame.record_id.clone()) {
-        return Ok(false);
+        return Ok(Written::Duplicate);
     }
     let data = match &frame.claim {
         None => frame.data.to_vec(),
@@ -218,14 +299,9 @@ async fn write_frame(out: &Path, frame: Frame, seen: &mut HashSet<String>) -> an
             data
         }
     };
-    let frame_id = frame.record_id.rsplit('/').next().unwrap_or("frame");
-    let ext = if frame.content_type == "image/png" {
-        "png"
-    } else {
-        "jpg"
-    };
-    let dir = out.join(&frame.camera_id);
-    std::fs::create_dir_all(&dir)?;
-    std::fs::write(dir.join(format!("{frame_id}.{ext}")), data)?;
-    Ok(true)
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&path, data).with_context(|| format!("writing {}", path.display()))?;
+    Ok(Written::New)
 }

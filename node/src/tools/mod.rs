@@ -5,4 +5,5 @@ pub mod bench;
 pub mod bench_uplink;
 pub mod camera;
 pub mod export;
+pub mod export_checks;
 pub mod tail;
