@@ -28,25 +28,6 @@ fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>
     }
 }
 
-/// Waits until the scraped series equals `want`; returns the last body.
-fn wait_metric(node: &Node, series: &str, want: f64) -> String {
-    let mut last = None;
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let (_, body) = node.http_get("/metrics");
-        last = metric(&body, series).or(last);
-        if last == Some(want) {
-            return body;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{series} is {last:?}, expected {want}; log:\n{}",
-            node.proc.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn envelope(seq: u64, image: &[u8]) -> Vec<u8> {
     Frame {
         sequence: seq,
@@ -87,7 +68,7 @@ fn metrics_endpoint_counts_what_the_run_produced() {
     let letters = kafka.read("fovea.deadletter", 3, WAIT);
     assert_eq!((results.len(), letters.len()), (4, 3));
 
-    let body = wait_metric(&node, "fovea_frames_acked_total", 7.0);
+    let body = node.wait_metric("fovea_frames_acked_total", 7.0);
     let m =
         |series: &str| metric(&body, series).unwrap_or_else(|| panic!("no {series} in:\n{body}"));
     assert_eq!(m("fovea_frames_received_total"), 7.0);
@@ -150,13 +131,13 @@ fn readiness_follows_the_local_broker_and_the_spool_shows_the_backlog() {
         mqtt.port,
         &[("cameras/c1/frames".into(), envelope(1, &photo))],
     );
-    wait_metric(&node, "fovea_frames_acked_total", 1.0);
+    node.wait_metric("fovea_frames_acked_total", 1.0);
     eventually(WAIT, "ready", || {
         (node.http_get("/readyz").0 == 200).then_some(())
     });
     // Frame 1 may have come before the first probe reached the broker, and so through the spool:
     // let it drain first, so that what the spool holds below is the outage's frames alone.
-    wait_metric(&node, "fovea_spool_records{class=\"result\"}", 0.0);
+    node.wait_metric("fovea_spool_records{class=\"result\"}", 0.0);
 
     kafka.stop();
     publish(
@@ -176,8 +157,8 @@ fn readiness_follows_the_local_broker_and_the_spool_shows_the_backlog() {
     );
     assert_eq!(node.http_get("/healthz").0, 200, "away is not stalled");
     // Both frames are acked once their records are in the spool, which the gauges show.
-    let body = wait_metric(&node, "fovea_frames_acked_total", 3.0);
-    let spooled = wait_metric(&node, "fovea_spool_records{class=\"result\"}", 2.0);
+    let body = node.wait_metric("fovea_frames_acked_total", 3.0);
+    let spooled = node.wait_metric("fovea_spool_records{class=\"result\"}", 2.0);
     assert_eq!(
         metric(&body, "fovea_local_broker_state{state=\"offline\"}"),
         Some(1.0)
@@ -189,7 +170,7 @@ fn readiness_follows_the_local_broker_and_the_spool_shows_the_backlog() {
     eventually(WAIT, "ready again", || {
         (node.http_get("/readyz").0 == 200).then_some(())
     });
-    let body = wait_metric(&node, "fovea_spool_bytes", 0.0);
+    let body = node.wait_metric("fovea_spool_bytes", 0.0);
     assert!(metric(&body, "fovea_records_drained_total").unwrap() >= 4.0);
     assert_eq!(
         metric(&body, "fovea_spool_oldest_age_seconds"),
@@ -297,7 +278,7 @@ fn a_worker_stuck_on_one_frame_fails_healthz_until_it_finishes() {
         "{stalled}"
     );
     publisher.join().unwrap();
-    wait_metric(&node, "fovea_frames_acked_total", 1.0);
+    node.wait_metric("fovea_frames_acked_total", 1.0);
     assert_eq!(node.http_get("/healthz").0, 200, "healthy again");
     let log = node.proc.log_text();
     assert!(
@@ -422,7 +403,7 @@ fn drain_deadline_and_second_signal_end_the_process_and_nothing_is_lost() {
     let mut node = Node::launch_with(dir.path(), &["--drain-timeout", "20"], &[]);
     kafka.stop();
     publish(mqtt.port, &batch(1..=3));
-    wait_metric(&node, "fovea_frames_received_total", 3.0);
+    node.wait_metric("fovea_frames_received_total", 3.0);
     node.proc.signal("TERM");
     std::thread::sleep(Duration::from_millis(500));
     assert!(node.proc.is_running(), "the drain cannot be over yet");
@@ -442,7 +423,7 @@ fn drain_deadline_and_second_signal_end_the_process_and_nothing_is_lost() {
     assert_eq!(frames_with_results(&kafka, 3).len(), 3, "redelivered 1..=3");
     kafka.stop();
     publish(mqtt.port, &batch(4..=6));
-    wait_metric(&node, "fovea_frames_received_total", 6.0);
+    node.wait_metric("fovea_frames_received_total", 6.0);
     node.proc.signal("TERM");
     let first = Instant::now();
     assert_eq!(node.proc.wait(Duration::from_secs(15)), Some(0));

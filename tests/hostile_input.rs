@@ -28,25 +28,6 @@ use std::time::{Duration, Instant};
 
 const WAIT: Duration = Duration::from_secs(90);
 
-/// Polls `/metrics` until `series` is `want` (or fails with the node's log).
-fn wait_metric(node: &Node, series: &str, want: f64) -> String {
-    let deadline = Instant::now() + WAIT;
-    let mut last = None;
-    loop {
-        let (_, body) = node.http_get("/metrics");
-        last = metric(&body, series).or(last);
-        if last == Some(want) {
-            return body;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{series} is {last:?}, expected {want}; log:\n{}",
-            node.proc.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn letters_of(records: &[rdkafka::message::OwnedMessage]) -> Vec<DeadLetter> {
     records
         .iter()
@@ -119,7 +100,7 @@ fn bad_camera_ids_are_acked_and_dead_lettered_and_the_next_frame_goes_through() 
     assert_eq!(result.status(), Status::Ok, "{}", result.status_detail);
 
     // Every one of the five was taken and acked (none left for redelivery).
-    let body = wait_metric(&node, "fovea_frames_acked_total", 5.0);
+    let body = node.wait_metric("fovea_frames_acked_total", 5.0);
     assert_eq!(metric(&body, "fovea_frames_received_total"), Some(5.0));
     assert_eq!(
         metric(
@@ -203,7 +184,7 @@ fn a_panic_on_one_frame_is_an_acked_internal_error_and_the_next_frame_is_fine() 
         .collect();
     sequences.sort();
     assert_eq!(sequences, [1, 3, 4], "the frames around the panic are fine");
-    let body = wait_metric(&node, "fovea_frames_acked_total", 4.0);
+    let body = node.wait_metric("fovea_frames_acked_total", 4.0);
     assert_eq!(metric(&body, "fovea_frames_received_total"), Some(4.0));
     assert!(node.proc.is_running(), "{}", node.proc.log_text());
 

@@ -16,23 +16,6 @@ use std::time::{Duration, Instant};
 
 const WAIT: Duration = Duration::from_secs(90);
 
-/// Waits until the node's /metrics shows `series` at `want` (or fails with what it shows).
-fn wait_metric(node: &Node, series: &str, want: f64) -> String {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let (_, body) = node.http_get("/metrics");
-        if metric(&body, series) == Some(want) {
-            return body;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{series} never reached {want}: {:?}",
-            metric(&body, series)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 fn envelope(
     camera: &str,
     sequence: u64,
@@ -91,7 +74,7 @@ fn every_frame_ends_as_records_that_fit_whatever_its_metadata_or_reason() {
             ),
         ],
     );
-    wait_metric(&node, "fovea_frames_acked_total", 3.0);
+    node.wait_metric("fovea_frames_acked_total", 3.0);
     let letters = kafka.read("fovea.deadletter", 2, WAIT);
     let results = kafka.read("fovea.results", 1, WAIT);
     let frames = kafka.read("fovea.frames", 2, WAIT);
@@ -171,7 +154,7 @@ fn a_producer_limit_below_the_record_limit_gives_record_refused_dead_letters_wit
         .collect();
     batch.extend(small.iter().take(3).cloned().map(|j| (t("small"), j)));
     publish(mqtt.port, &batch);
-    let body = wait_metric(&node, "fovea_frames_acked_total", 6.0);
+    let body = node.wait_metric("fovea_frames_acked_total", 6.0);
     assert_eq!(
         metric(&body, "fovea_records_refused_total{kind=\"frame\"}"),
         Some(3.0)
@@ -188,9 +171,9 @@ fn a_producer_limit_below_the_record_limit_gives_record_refused_dead_letters_wit
         .collect();
     later.push((t("small"), small[3].clone()));
     publish(mqtt.port, &later);
-    wait_metric(&node, "fovea_frames_acked_total", 9.0);
+    node.wait_metric("fovea_frames_acked_total", 9.0);
     kafka.restart();
-    let body = wait_metric(&node, "fovea_records_refused_total{kind=\"frame\"}", 5.0);
+    let body = node.wait_metric("fovea_records_refused_total{kind=\"frame\"}", 5.0);
     let deadline = Instant::now() + WAIT;
     let mut body = body;
     while metric(&body, "fovea_local_broker_state{state=\"online\"}") != Some(1.0)

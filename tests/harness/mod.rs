@@ -507,6 +507,28 @@ impl Node {
     }
 }
 
+impl Node {
+    /// Polls `/metrics` until `series` is `want` (at most 90 s, else fails with the node's log);
+    /// returns the last body.
+    pub fn wait_metric(&self, series: &str, want: f64) -> String {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let mut last = None;
+        loop {
+            let (_, body) = self.http_get("/metrics");
+            last = metric(&body, series).or(last);
+            if last == Some(want) {
+                return body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{series} is {last:?}, expected {want}; log:\n{}",
+                self.proc.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
 /// `metrics.listen` of a node config.
 pub fn metrics_listen(config: &str) -> String {
     let table: toml::Table = config.parse().expect("config TOML");

@@ -287,29 +287,25 @@ fn disk(out: &mut Out, s: &Stats) {
     if samples.is_empty() {
         return;
     }
-    out.help(
-        "fovea_disk_bytes",
-        "gauge",
-        "Bytes on disk in each part's folder (spool, local_broker, claim_checks); sampled every 30 s.",
-    );
-    for d in samples.iter().filter(|d| d.used.is_some()) {
-        out.line(
+    let bounded = [
+        (
             "fovea_disk_bytes",
-            &[("part", d.part)],
-            d.used.unwrap_or(0) as f64,
-        );
-    }
-    out.help(
-        "fovea_disk_budget_bytes",
-        "gauge",
-        "Bytes each part may grow to (its config bound); absent when unbounded.",
-    );
-    for d in samples.iter().filter(|d| d.budget.is_some()) {
-        out.line(
+            "Bytes on disk in each part's folder (spool, local_broker, claim_checks); sampled every 30 s.",
+            samples.iter().map(|d| d.used).collect::<Vec<_>>(),
+        ),
+        (
             "fovea_disk_budget_bytes",
-            &[("part", d.part)],
-            d.budget.unwrap_or(0) as f64,
-        );
+            "Bytes each part may grow to (its config bound); absent when unbounded.",
+            samples.iter().map(|d| d.budget).collect(),
+        ),
+    ];
+    for (name, help, values) in bounded {
+        out.help(name, "gauge", help);
+        for (d, value) in samples.iter().zip(values) {
+            if let Some(v) = value {
+                out.line(name, &[("part", d.part)], v as f64);
+            }
+        }
     }
     out.help(
         "fovea_disk_free_bytes",
