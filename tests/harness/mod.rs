@@ -15,6 +15,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
+mod slow_proxy;
+pub use slow_proxy::SlowProxy;
+
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
@@ -234,11 +237,34 @@ impl Kafka {
         Kafka::start_with_storage(dir, name, free_port(), &storage)
     }
 
+    /// A broker on a free port whose clients are told to connect to `advertised_port` (a proxy
+    /// in front of it, [`SlowProxy`]): Kafka clients use the advertised address after bootstrap.
+    pub fn start_behind(dir: &Path, name: &str, port: u16, advertised_port: u16) -> Kafka {
+        Kafka::start_full(
+            dir,
+            name,
+            port,
+            Some(advertised_port),
+            &packaged_storage_engine(),
+        )
+    }
+
     fn start_with_storage(dir: &Path, name: &str, port: u16, storage: &str) -> Kafka {
+        Kafka::start_full(dir, name, port, None, storage)
+    }
+
+    fn start_full(
+        dir: &Path,
+        name: &str,
+        port: u16,
+        advertised_port: Option<u16>,
+        storage: &str,
+    ) -> Kafka {
         let bin = binary("FOVEA_NISSHI_BIN", cache_dir().join("nisshi/bin/nisshi"));
         let data = dir.join(name);
         std::fs::create_dir_all(&data).expect("broker dir");
         let url = format!("tcp://127.0.0.1:{port}");
+        let advertised = format!("tcp://127.0.0.1:{}", advertised_port.unwrap_or(port));
         let log = dir.join(format!("{name}-{}.log", now_ms()));
         let mut cmd = Command::new(bin);
         cmd.current_dir(&data).args([
@@ -248,7 +274,7 @@ impl Kafka {
             "--listener-url",
             &url,
             "--advertised-listener-url",
-            &url,
+            &advertised,
             "--storage-engine",
             storage,
             "--group-initial-rebalance-delay",
