@@ -86,7 +86,13 @@ fn a_slow_broker_is_not_an_away_broker() {
             .iter()
             .map(|c| value(&body, &format!("fovea_spool_records{{class=\"{c}\"}}")))
             .sum();
-        if spooled == 0.0 && value(&body, "fovea_local_broker_state{state=\"online\"}") == 1.0 {
+        // The workers may still be behind the load (two models per frame on a shared machine).
+        let all_acked =
+            value(&body, "fovea_frames_acked_total") >= (per_camera * CAMERAS as u64) as f64;
+        if all_acked
+            && spooled == 0.0
+            && value(&body, "fovea_local_broker_state{state=\"online\"}") == 1.0
+        {
             break body;
         }
         assert!(Instant::now() < deadline, "spool never drained:\n{body}");
@@ -114,9 +120,10 @@ fn a_slow_broker_is_not_an_away_broker() {
         min_window < 256.0,
         "the drain window was never cut:\n{slow_end}"
     );
-    // Frames kept being acknowledged: the spool takes them at once.
+    // Frames kept being acknowledged: a frame waits for the broker at most divert_after (5 s)
+    // before the spool takes it, and the spool takes new ones at once.
     assert!(
-        longest_gap < Duration::from_secs(3),
+        longest_gap < Duration::from_secs(5),
         "no acks for {longest_gap:?}"
     );
     // Bound: going slow once (online -> slow -> catch-up, 2), each later cycle (-> online ->
