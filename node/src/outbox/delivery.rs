@@ -207,6 +207,10 @@ pub struct Delivery {
     /// The last seq handed out in this drain round (`None`: start from the oldest).
     drain_after: Option<Seq>,
     reading: bool,
+    /// Bumped when a drain round starts over (a drained record timed out): a spool read asked
+    /// for in an older round is stale and dropped, or it would move the round past the record.
+    round: u64,
+    read_round: u64,
     to_remove: Vec<Seq>,
     /// Retriable failures per spooled record (reset when the spool drains).
     attempts: HashMap<Seq, u32>,
@@ -239,6 +243,8 @@ impl Delivery {
             draining: BTreeMap::new(),
             drain_after: None,
             reading: false,
+            round: 0,
+            read_round: 0,
             to_remove: Vec::new(),
             attempts: HashMap::new(),
             probing: false,
@@ -592,6 +598,9 @@ impl Delivery {
         if !self.mode.drains() {
             return; // the broker went away while reading: the next round starts over
         }
+        if self.read_round != self.round {
+            return; // a drained record timed out while reading: the round starts over
+        }
         if batch.is_empty() {
             // Frames still waiting for the spool must go through it first: going online now
             // would strand them there until the next outage.
@@ -655,6 +664,7 @@ impl Delivery {
                 self.pace.timed_out(sent, now);
             }
             self.drain_after = None;
+            self.round += 1;
             self.timed_out(out);
             return;
         }
@@ -710,6 +720,7 @@ impl Delivery {
                 self.pace.timed_out(sent, now);
             }
             self.drain_after = None;
+            self.round += 1;
             self.timed_out(out);
             return;
         }
@@ -758,6 +769,7 @@ impl Delivery {
             return;
         }
         self.reading = true;
+        self.read_round = self.round;
         out.push(Action::ReadSpool {
             after: self.drain_after,
             max: room,
