@@ -207,8 +207,9 @@ pub struct Delivery {
     /// The last seq handed out in this drain round (`None`: start from the oldest).
     drain_after: Option<Seq>,
     reading: bool,
-    /// Bumped when a drain round starts over (a drained record timed out): a spool read asked
-    /// for in an older round is stale and dropped, or it would move the round past the record.
+    /// Bumped when a drain round starts over ([`Delivery::start_over`]): a spool read asked for
+    /// in an older round is stale and dropped, or it would move the new round past the records
+    /// that made it start over.
     round: u64,
     read_round: u64,
     to_remove: Vec<Seq>,
@@ -422,7 +423,7 @@ impl Delivery {
             });
             if next == Mode::Offline {
                 // A new drain round starts from the oldest record once the broker is back.
-                self.drain_after = None;
+                self.start_over();
                 // A probe has just failed: the next waits its interval. Otherwise probe at once.
                 self.next_probe = match why {
                     ModeEvent::ProbeFailed => self.now.map(|now| now + self.cfg.probe_interval),
@@ -431,6 +432,17 @@ impl Delivery {
             }
             self.mode = next;
         }
+    }
+
+    /// The next drain round starts from the oldest spooled record: some record before
+    /// `drain_after` is still in the spool (it timed out, or the broker went away). A spool read
+    /// still under way answers the old round's position and is dropped when it comes back
+    /// ([`Delivery::on_spool_read`]); taken, it would move the new round past that record, the
+    /// spool would look drained and the outbox go online with it left behind (57 records in the
+    /// third slow_broker run).
+    fn start_over(&mut self) {
+        self.drain_after = None;
+        self.round += 1;
     }
 
     fn on_finished(&mut self, id: FrameId, records: Vec<Record>, out: &mut Vec<Action>) {
@@ -599,7 +611,7 @@ impl Delivery {
             return; // the broker went away while reading: the next round starts over
         }
         if self.read_round != self.round {
-            return; // a drained record timed out while reading: the round starts over
+            return; // asked for before the round started over: stale
         }
         if batch.is_empty() {
             // Frames still waiting for the spool must go through it first: going online now
@@ -663,8 +675,7 @@ impl Delivery {
             if let Some(now) = self.now {
                 self.pace.timed_out(sent, now);
             }
-            self.drain_after = None;
-            self.round += 1;
+            self.start_over();
             self.timed_out(out);
             return;
         }
@@ -719,8 +730,7 @@ impl Delivery {
             if let Some(now) = self.now {
                 self.pace.timed_out(sent, now);
             }
-            self.drain_after = None;
-            self.round += 1;
+            self.start_over();
             self.timed_out(out);
             return;
         }

@@ -654,3 +654,52 @@ fn shutdown_starts_no_drain_round_and_settles_with_held_frames_unacked() {
     assert!(d.settled());
     assert_eq!(d.frames_waiting(), 1);
 }
+
+/// The broker goes away and comes back while a spool read is under way: the read answers the
+/// old round's position, after the record that failed, and taking it would leave that record in
+/// the spool when the outbox goes online.
+#[test]
+fn a_spool_read_from_before_an_outage_is_dropped_when_catching_up_again() {
+    let mut d = catching_up();
+    tick(&mut d);
+    let batch = vec![
+        (1, record(RecordKind::Frame, "a", 10)),
+        (2, record(RecordKind::Result, "a", 10)),
+    ];
+    d.handle(Event::SpoolRead { batch }, true);
+    d.handle(Event::DrainDelivered { seq: 2 }, true);
+    let out = tick(&mut d);
+    assert_eq!(
+        out[1],
+        Action::ReadSpool {
+            after: Some(2),
+            max: 7
+        }
+    );
+    let out = d.handle(
+        drain_failed(1, Refusal::Retriable, "broker transport failure"),
+        true,
+    );
+    assert!(matches!(
+        out[..],
+        [Action::ModeChanged {
+            to: Mode::Offline,
+            ..
+        }]
+    ));
+    assert_eq!(tick(&mut d), [Action::Probe]);
+    d.handle(Event::Probe { ok: true }, true);
+    assert_eq!(d.mode(), Mode::CatchUp);
+    assert!(tick(&mut d).is_empty(), "one read at a time");
+    let stale = vec![(3, record(RecordKind::Frame, "b", 10))];
+    let out = d.handle(Event::SpoolRead { batch: stale }, true);
+    assert!(drained(&out).is_empty(), "stale: {out:?}");
+    assert_eq!(
+        tick(&mut d),
+        [Action::ReadSpool {
+            after: None,
+            max: 8
+        }],
+        "the new round starts from the oldest, seq 1"
+    );
+}
