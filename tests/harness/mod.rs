@@ -316,6 +316,18 @@ impl Kafka {
     /// Reads `topic` from the beginning until `want` records arrived (then `settle` longer, to
     /// catch extras) or `timeout` passed. Returns everything read.
     pub fn read(&self, topic: &str, want: usize, timeout: Duration) -> Vec<OwnedMessage> {
+        self.read_until(topic, timeout, |out| out.len() >= want)
+    }
+
+    /// Reads `topic` from the beginning until `enough` says so of what was read (then 1.5 s
+    /// longer, to catch extras) or `timeout` passed. Returns everything read. For a topic that
+    /// may hold duplicates, where a count of records says nothing about which arrived.
+    pub fn read_until(
+        &self,
+        topic: &str,
+        timeout: Duration,
+        mut enough: impl FnMut(&[OwnedMessage]) -> bool,
+    ) -> Vec<OwnedMessage> {
         let consumer = self.consumer();
         let deadline = Instant::now() + timeout;
         // The node creates its topics when it first reaches the broker: wait for them.
@@ -348,7 +360,7 @@ impl Kafka {
             }
             if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
                 out.push(m.detach());
-                if out.len() >= want && settle_until.is_none() {
+                if settle_until.is_none() && enough(&out) {
                     settle_until = Some(Instant::now() + Duration::from_millis(1500));
                 }
             }
