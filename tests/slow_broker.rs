@@ -181,6 +181,26 @@ fn a_slow_broker_is_not_an_away_broker() {
         value(&fin, "fovea_delivery_failures_total"),
         value(&slow_end, "fovea_outbox_mode_dwell_seconds"),
     );
+    // The node's own account of its modes and its MQTT session (the temp dir, and the log with
+    // it, is gone once the test ends).
+    let log = node.proc.log_text();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| {
+            ["fovea::outbox: ", "fovea::ingress::mqtt", " ERROR "]
+                .iter()
+                .any(|w| l.contains(w))
+        })
+        .collect();
+    let shown = &lines[lines.len().saturating_sub(80)..];
+    eprintln!(
+        "node log, outbox and MQTT (the last {} of {} lines):\n{}",
+        shown.len(),
+        lines.len(),
+        shown.join("\n")
+    );
+    // Once each: more would be MQTT redeliveries (a session that dropped), which at least once
+    // allows but which this test does not expect.
     assert_eq!(value(&fin, "fovea_frames_acked_total"), sent as f64);
     // The broker was slow enough: deliveries timed out while it answered, the spool took
     // frames, and the drain cut its window (256, halved once per flight that timed out).

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
 mod slow_proxy;
+#[allow(unused_imports)] // only slow_broker throttles its broker
 pub use slow_proxy::SlowProxy;
 
 pub fn repo_root() -> PathBuf {
@@ -348,7 +349,7 @@ impl Kafka {
         let mut tpl = TopicPartitionList::new();
         for p in 0..partitions {
             tpl.add_partition_offset(topic, p, Offset::Beginning)
-                .unwrap();
+                .expect("partition offset");
         }
         consumer.assign(&tpl).expect("assign");
         let mut out = Vec::new();

@@ -82,7 +82,7 @@ fn pump(mut from: TcpStream, mut to: TcpStream, t: &Throttle) {
         };
         let delay = t.delay_ms.load(Ordering::Relaxed);
         let bps = t.bytes_per_sec.load(Ordering::Relaxed);
-        let pace = if bps > 0 { n as u64 * 1000 / bps } else { 0 };
+        let pace = (n as u64 * 1000).checked_div(bps).unwrap_or(0);
         if delay + pace > 0 {
             std::thread::sleep(Duration::from_millis(delay + pace));
         }

@@ -36,7 +36,7 @@ pub fn mismatches(wanted: &Retention, reported: &HashMap<String, Option<String>>
                 let f = f.trim();
                 f == want || f.parse::<i64>().ok() == want.parse::<i64>().ok()
             });
-            (!same).then(|| Mismatch {
+            (!same).then_some(Mismatch {
                 key,
                 wanted: want,
                 found,

@@ -78,7 +78,7 @@ fn online_at(t0: Instant) -> Delivery {
 }
 
 fn actions_have_probe(actions: &[Action]) -> bool {
-    actions.iter().any(|a| *a == Action::Probe)
+    actions.contains(&Action::Probe)
 }
 
 #[test]
