@@ -2,6 +2,10 @@
 //! (to CatchUp, to Online) waits until the current mode has lasted the dwell; a change towards
 //! the spool (to Slow, to Offline) never waits, since it is what keeps frames acknowledged.
 //!
+//! Changes before the outbox first backed off are not held: a node starts Offline by
+//! construction, not because its broker failed, and its way online (offline -> catch-up ->
+//! online) would otherwise spool every frame for a dwell after each start.
+//!
 //! The dwell doubles (up to `max`) after each oscillation, i.e. when the outbox has to back off
 //! again soon (within two dwells) after it relaxed: a broker that is slow under load should not
 //! flip the outbox every few seconds. It falls back to `min` once a mode has lasted four dwells.
@@ -16,6 +20,8 @@ pub struct Dwell {
     current: Duration,
     last_change: Option<Instant>,
     last_relax: Option<Instant>,
+    /// A change towards the spool happened: from then on relaxing waits.
+    backed_off: bool,
     oscillations: u64,
 }
 
@@ -27,6 +33,7 @@ impl Dwell {
             current: min,
             last_change: None,
             last_relax: None,
+            backed_off: false,
             oscillations: 0,
         }
     }
@@ -43,8 +50,10 @@ impl Dwell {
 
     /// Whether a change towards sending more may happen at `now`.
     pub fn may_relax(&self, now: Instant) -> bool {
-        self.last_change
-            .is_none_or(|t| now.saturating_duration_since(t) >= self.current)
+        !self.backed_off
+            || self
+                .last_change
+                .is_none_or(|t| now.saturating_duration_since(t) >= self.current)
     }
 
     /// Records a mode change at `now`; `relaxing`: towards sending more.
@@ -62,6 +71,8 @@ impl Dwell {
         }
         if relaxing {
             self.last_relax = Some(now);
+        } else {
+            self.backed_off = true;
         }
         self.last_change = Some(now);
     }
@@ -74,13 +85,16 @@ mod tests {
     const S: Duration = Duration::from_secs(1);
 
     #[test]
-    fn the_first_change_may_relax_at_once_and_the_next_waits_the_dwell() {
+    fn relaxing_is_free_until_the_first_back_off_and_then_waits_the_dwell() {
         let t = Instant::now();
         let mut d = Dwell::new(2 * S, 60 * S);
         assert!(d.may_relax(t));
+        d.changed(t, true); // offline -> catch-up at start
+        assert!(d.may_relax(t), "catch-up -> online at start is not held");
         d.changed(t, true);
-        assert!(!d.may_relax(t + S));
-        assert!(d.may_relax(t + 2 * S));
+        d.changed(t + 10 * S, false); // online -> slow
+        assert!(!d.may_relax(t + 11 * S));
+        assert!(d.may_relax(t + 12 * S));
     }
 
     #[test]
