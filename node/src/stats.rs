@@ -104,6 +104,15 @@ pub struct Stats {
     pub disk: Mutex<Vec<crate::disk::Sample>>,
     /// The outbox's delivery mode ([`Mode`]), see [`Stats::local_broker`].
     local_broker: AtomicU8,
+    /// The outbox's mode changes, by (from, to) mode name.
+    pub mode_changes: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    /// The outbox's pacing, copied from its delivery state every tick: drained records allowed
+    /// in flight, the drain's pause after a timeout (ms), the dwell before a change towards
+    /// sending more (ms), and deliveries that timed out while the broker answered.
+    pub drain_window: AtomicU64,
+    pub drain_pause_ms: AtomicU64,
+    pub mode_dwell_ms: AtomicU64,
+    pub slow_timeouts: AtomicU64,
     /// Whether the MQTT session is up (CONNACK seen, no error since).
     pub mqtt_connected: AtomicBool,
     /// What each stage is doing, for the watchdog and `/healthz`.
@@ -234,6 +243,22 @@ impl Stats {
             Mode::CatchUp => 4,
         };
         self.local_broker.store(code, Ordering::Relaxed);
+    }
+
+    /// Counts a change of the outbox's mode.
+    pub fn mode_changed(&self, from: Mode, to: Mode) {
+        if let Ok(mut map) = self.mode_changes.lock() {
+            *map.entry((from.name(), to.name())).or_default() += 1;
+        }
+    }
+
+    /// Copies the outbox's pacing out for the metrics endpoint.
+    pub fn set_pacing(&self, window: usize, pause: Duration, dwell: Duration, slow_timeouts: u64) {
+        let ms = |d: Duration| d.as_millis().min(u64::MAX as u128) as u64;
+        self.drain_window.store(window as u64, Ordering::Relaxed);
+        self.drain_pause_ms.store(ms(pause), Ordering::Relaxed);
+        self.mode_dwell_ms.store(ms(dwell), Ordering::Relaxed);
+        self.slow_timeouts.store(slow_timeouts, Ordering::Relaxed);
     }
 
     /// The outbox's delivery mode, or None before the outbox started.

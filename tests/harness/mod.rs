@@ -15,6 +15,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
+mod slow_proxy;
+#[allow(unused_imports)] // only slow_broker throttles its broker
+pub use slow_proxy::SlowProxy;
+
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
@@ -234,11 +238,34 @@ impl Kafka {
         Kafka::start_with_storage(dir, name, free_port(), &storage)
     }
 
+    /// A broker on a free port whose clients are told to connect to `advertised_port` (a proxy
+    /// in front of it, [`SlowProxy`]): Kafka clients use the advertised address after bootstrap.
+    pub fn start_behind(dir: &Path, name: &str, port: u16, advertised_port: u16) -> Kafka {
+        Kafka::start_full(
+            dir,
+            name,
+            port,
+            Some(advertised_port),
+            &packaged_storage_engine(),
+        )
+    }
+
     fn start_with_storage(dir: &Path, name: &str, port: u16, storage: &str) -> Kafka {
+        Kafka::start_full(dir, name, port, None, storage)
+    }
+
+    fn start_full(
+        dir: &Path,
+        name: &str,
+        port: u16,
+        advertised_port: Option<u16>,
+        storage: &str,
+    ) -> Kafka {
         let bin = binary("FOVEA_NISSHI_BIN", cache_dir().join("nisshi/bin/nisshi"));
         let data = dir.join(name);
         std::fs::create_dir_all(&data).expect("broker dir");
         let url = format!("tcp://127.0.0.1:{port}");
+        let advertised = format!("tcp://127.0.0.1:{}", advertised_port.unwrap_or(port));
         let log = dir.join(format!("{name}-{}.log", now_ms()));
         let mut cmd = Command::new(bin);
         cmd.current_dir(&data).args([
@@ -248,7 +275,7 @@ impl Kafka {
             "--listener-url",
             &url,
             "--advertised-listener-url",
-            &url,
+            &advertised,
             "--storage-engine",
             storage,
             "--group-initial-rebalance-delay",
@@ -295,6 +322,18 @@ impl Kafka {
     /// Reads `topic` from the beginning until `want` records arrived (then `settle` longer, to
     /// catch extras) or `timeout` passed. Returns everything read.
     pub fn read(&self, topic: &str, want: usize, timeout: Duration) -> Vec<OwnedMessage> {
+        self.read_until(topic, timeout, |out| out.len() >= want)
+    }
+
+    /// Reads `topic` from the beginning until `enough` says so of what was read (then 1.5 s
+    /// longer, to catch extras) or `timeout` passed. Returns everything read. For a topic that
+    /// may hold duplicates, where a count of records says nothing about which arrived.
+    pub fn read_until(
+        &self,
+        topic: &str,
+        timeout: Duration,
+        mut enough: impl FnMut(&[OwnedMessage]) -> bool,
+    ) -> Vec<OwnedMessage> {
         let consumer = self.consumer();
         let deadline = Instant::now() + timeout;
         // The node creates its topics when it first reaches the broker: wait for them.
@@ -315,7 +354,7 @@ impl Kafka {
         let mut tpl = TopicPartitionList::new();
         for p in 0..partitions {
             tpl.add_partition_offset(topic, p, Offset::Beginning)
-                .unwrap();
+                .expect("partition offset");
         }
         consumer.assign(&tpl).expect("assign");
         let mut out = Vec::new();
@@ -327,7 +366,7 @@ impl Kafka {
             }
             if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
                 out.push(m.detach());
-                if out.len() >= want && settle_until.is_none() {
+                if settle_until.is_none() && enough(&out) {
                     settle_until = Some(Instant::now() + Duration::from_millis(1500));
                 }
             }
@@ -585,7 +624,7 @@ pub struct Tmpfs(std::path::PathBuf);
 
 impl Tmpfs {
     pub fn mount(at: &Path, mib: u64) -> Option<Tmpfs> {
-        std::fs::create_dir_all(at).unwrap();
+        std::fs::create_dir_all(at).expect("tmpfs mount point");
         let out = std::process::Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
             .arg(at)

@@ -89,6 +89,7 @@ pub fn render(health: &Health, process: &Process) -> String {
         );
     }
 
+    outbox(&mut out, s);
     counters(&mut out, s);
     spool(&mut out, s);
     disk(&mut out, s);
@@ -433,6 +434,61 @@ fn uplink(out: &mut Out, s: &Stats) {
             );
         }
     }
+}
+
+/// The outbox's mode changes and its pacing while the broker is slow.
+fn outbox(out: &mut Out, s: &Stats) {
+    out.help(
+        "fovea_outbox_mode_changes_total",
+        "counter",
+        "Changes of the outbox's delivery mode (fovea_local_broker_state), by from and to.",
+    );
+    if let Ok(map) = s.mode_changes.lock() {
+        for ((from, to), n) in map.iter() {
+            out.line(
+                "fovea_outbox_mode_changes_total",
+                &[("from", from), ("to", to)],
+                *n as f64,
+            );
+        }
+    }
+    let gauge = |c: &AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed) as f64;
+    out.help(
+        "fovea_outbox_drain_window",
+        "gauge",
+        "Spooled records the drain keeps in flight at most: halved when a drained record times out while the broker answers, widened by one per window acknowledged.",
+    );
+    out.line("fovea_outbox_drain_window", &[], gauge(&s.drain_window));
+    out.help(
+        "fovea_outbox_drain_pause_seconds",
+        "gauge",
+        "How long the drain still waits after a timeout (grows on repeated timeouts).",
+    );
+    out.line(
+        "fovea_outbox_drain_pause_seconds",
+        &[],
+        gauge(&s.drain_pause_ms) / 1000.0,
+    );
+    out.help(
+        "fovea_outbox_mode_dwell_seconds",
+        "gauge",
+        "How long a mode must last before the outbox sends more (to catch-up, to online); doubles after each oscillation.",
+    );
+    out.line(
+        "fovea_outbox_mode_dwell_seconds",
+        &[],
+        gauge(&s.mode_dwell_ms) / 1000.0,
+    );
+    out.help(
+        "fovea_outbox_slow_timeouts_total",
+        "counter",
+        "Records not acknowledged within spool.divert_after_ms while the broker still answered (slow, not away): spooled or retried, never dropped.",
+    );
+    out.line(
+        "fovea_outbox_slow_timeouts_total",
+        &[],
+        gauge(&s.slow_timeouts),
+    );
 }
 
 fn stage_label(stage: Stage) -> &'static str {

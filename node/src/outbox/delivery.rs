@@ -9,7 +9,12 @@
 //!
 //! Refusals ([`Refusal`]) of a record:
 //! - **retriable** (broker away, slow, leader moving): the frame's unacknowledged records go to
-//!   the spool, the mode turns [`Mode::Offline`], and they are drained when a probe succeeds. A
+//!   the spool, the mode turns [`Mode::Offline`], and they are drained when a probe succeeds.
+//!   A **timeout** (not acknowledged within `spool.divert_after_ms`) is retriable too, but says
+//!   only that the broker did not answer in time: the mode turns [`Mode::Slow`] (a drain keeps
+//!   catching up and backs off, [`Pace`]); if nothing was acknowledged within the last
+//!   `divert_after`, a probe asks whether the broker is there at all, and only a failed probe
+//!   makes it Offline. Changes towards sending more are rate-limited ([`Dwell`]). A
 //!   spooled record that keeps failing while the broker is otherwise fine is given
 //!   [`MAX_DRAIN_ATTEMPTS`] tries, then treated as permanent: the outbox never flaps between
 //!   offline and catch-up over one record.
@@ -21,6 +26,8 @@
 //! - **fatal** (the idempotent producer lost its guarantees): [`Action::RebuildProducer`], and
 //!   the record is handled as retriable.
 
+use super::dwell::Dwell;
+use super::pace::Pace;
 use super::plan::RecordPlanner;
 use super::state::{Event as ModeEvent, Mode};
 use crate::records::{Record, Refusal};
@@ -43,8 +50,18 @@ pub struct DeliveryConfig {
     pub slow_inflight_bytes: u64,
     /// Between probes of an unreachable broker.
     pub probe_interval: Duration,
-    /// Spooled records handed to the producer at once while draining.
+    /// Spooled records handed to the producer at once while draining (the most: [`Pace`] cuts
+    /// it while the broker is slow).
     pub drain_window: usize,
+    /// `spool.divert_after_ms`: an acknowledgement within this long before a timeout shows that
+    /// the broker answers (slow, not away).
+    pub divert_after: Duration,
+    /// Bounds of the dwell before a change towards sending more ([`Dwell`]).
+    pub min_dwell: Duration,
+    pub max_dwell: Duration,
+    /// Bounds of the drain's pause after a timeout ([`Pace`]).
+    pub min_pause: Duration,
+    pub max_pause: Duration,
 }
 
 /// What happened.
@@ -60,6 +77,8 @@ pub enum Event {
         index: usize,
         refusal: Refusal,
         error: String,
+        /// Not acknowledged within `divert_after` (librdkafka's message timeout).
+        timed_out: bool,
     },
     /// The loop appended frames to the spool (in the order of [`Action::Spool`]) and flushed.
     /// `stored` were appended (a prefix of the frames asked for: the first one refused under
@@ -80,6 +99,8 @@ pub enum Event {
         seq: Seq,
         refusal: Refusal,
         error: String,
+        /// Not acknowledged within `divert_after`.
+        timed_out: bool,
     },
     /// A probe of the broker answered (and created the topics) or failed.
     Probe { ok: bool },
@@ -135,6 +156,8 @@ struct DirectFrame {
     open: usize,
     /// Some record failed retriably: when all are finished, the failed ones go to the spool.
     any_failed: bool,
+    /// Some record was refused retriably (not merely timed out): the broker is away.
+    refused: bool,
 }
 
 #[derive(Debug)]
@@ -159,6 +182,10 @@ struct Draining {
     original: Arc<Record>,
     /// A dead letter was produced in its place (it was refused for good).
     replaced: bool,
+    /// Its number from [`Pace::sent`].
+    sent: u64,
+    /// Handed out with a window of one: a timeout cannot be blamed on the others.
+    alone: bool,
 }
 
 /// The delivery state. See the module doc.
@@ -180,18 +207,32 @@ pub struct Delivery {
     /// The last seq handed out in this drain round (`None`: start from the oldest).
     drain_after: Option<Seq>,
     reading: bool,
+    /// Bumped when a drain round starts over ([`Delivery::start_over`]): a spool read asked for
+    /// in an older round is stale and dropped, or it would move the new round past the records
+    /// that made it start over.
+    round: u64,
+    read_round: u64,
     to_remove: Vec<Seq>,
     /// Retriable failures per spooled record (reset when the spool drains).
     attempts: HashMap<Seq, u32>,
     probing: bool,
     next_probe: Option<Instant>,
+    /// The time of the last tick (events between ticks happen "now").
+    now: Option<Instant>,
+    /// When the broker last answered: an acknowledgement or a successful probe.
+    last_answer: Option<Instant>,
+    /// A probe succeeded while Offline but the dwell held the change to CatchUp back.
+    answered: bool,
+    pace: Pace,
+    dwell: Dwell,
+    /// Deliveries that timed out while the broker answered (slow, not away).
+    slow_timeouts: u64,
 }
 
 impl Delivery {
     /// A node starts [`Mode::Offline`]: its first probe creates the topics.
     pub fn new(cfg: DeliveryConfig, planner: RecordPlanner) -> Delivery {
         Delivery {
-            cfg,
             planner,
             mode: Mode::Offline,
             direct: BTreeMap::new(),
@@ -203,15 +244,44 @@ impl Delivery {
             draining: BTreeMap::new(),
             drain_after: None,
             reading: false,
+            round: 0,
+            read_round: 0,
             to_remove: Vec::new(),
             attempts: HashMap::new(),
             probing: false,
             next_probe: None,
+            now: None,
+            last_answer: None,
+            answered: false,
+            pace: Pace::new(cfg.drain_window, cfg.min_pause, cfg.max_pause),
+            dwell: Dwell::new(cfg.min_dwell, cfg.max_dwell),
+            slow_timeouts: 0,
+            cfg,
         }
     }
 
     pub fn mode(&self) -> Mode {
         self.mode
+    }
+
+    /// Drained records allowed in flight at once (cut while the broker is slow).
+    pub fn drain_window(&self) -> usize {
+        self.pace.window()
+    }
+
+    /// How long the drain still pauses after a timeout, as of the last tick.
+    pub fn drain_pause(&self) -> Duration {
+        self.now.map_or(Duration::ZERO, |now| self.pace.pause(now))
+    }
+
+    /// The dwell a change towards sending more must wait out.
+    pub fn dwell(&self) -> Duration {
+        self.dwell.current()
+    }
+
+    /// Deliveries that timed out while the broker answered (slow, not away).
+    pub fn slow_timeouts(&self) -> u64 {
+        self.slow_timeouts
     }
 
     /// Whether the loop should take the next finished frame: not while frames wait for the
@@ -251,13 +321,17 @@ impl Delivery {
         let mut out = Vec::new();
         match event {
             Event::Finished { id, records } => self.on_finished(id, records, &mut out),
-            Event::Delivered { id, index } => self.on_direct(id, index, None, &mut out),
+            Event::Delivered { id, index } => {
+                self.last_answer = self.now;
+                self.on_direct(id, index, None, &mut out)
+            }
             Event::Failed {
                 id,
                 index,
                 refusal,
                 error,
-            } => self.on_direct(id, index, Some((refusal, error)), &mut out),
+                timed_out,
+            } => self.on_direct(id, index, Some((refusal, error, timed_out)), &mut out),
             Event::Spooled { stored, flushed } => {
                 self.on_spooled(stored, flushed, &mut out);
                 // What is left waits for the next tick (no busy retry of a full spool).
@@ -274,7 +348,9 @@ impl Delivery {
             Event::SpoolRead { batch } => self.on_spool_read(batch, &mut out),
             Event::SpoolReadFailed => self.reading = false,
             Event::DrainDelivered { seq } => {
+                self.last_answer = self.now;
                 if self.draining.remove(&seq).is_some() {
+                    self.pace.acked();
                     self.attempts.remove(&seq);
                     self.to_remove.push(seq);
                 }
@@ -283,11 +359,19 @@ impl Delivery {
                 seq,
                 refusal,
                 error,
-            } => self.on_drain_failed(seq, refusal, error, &mut out),
+                timed_out,
+            } => self.on_drain_failed(seq, refusal, error, timed_out, &mut out),
             Event::Probe { ok } => {
                 self.probing = false;
                 if ok {
-                    self.transition(ModeEvent::ProbeSucceeded, &mut out);
+                    self.last_answer = self.now;
+                    if self.mode == Mode::Offline {
+                        // The dwell may hold the change back: the next tick makes it.
+                        self.answered = true;
+                        self.relax(ModeEvent::ProbeSucceeded, &mut out);
+                    }
+                } else {
+                    self.transition(ModeEvent::ProbeFailed, &mut out);
                 }
             }
             Event::Tick { now } => self.on_tick(now, draining_allowed, &mut out),
@@ -296,9 +380,42 @@ impl Delivery {
         out
     }
 
+    /// A change towards sending more: only once the dwell has passed (else nothing happens, and
+    /// the caller's condition is checked again at a later tick).
+    fn relax(&mut self, why: ModeEvent, out: &mut Vec<Action>) {
+        let Some(now) = self.now else {
+            return; // no tick yet: no time to measure the dwell against
+        };
+        if self.dwell.may_relax(now) {
+            self.transition(why, out);
+        }
+    }
+
+    /// A record was not acknowledged in time. Slow unless proven away: without an answer from
+    /// the broker within the last `divert_after`, a probe decides ([`ModeEvent::ProbeFailed`]).
+    fn timed_out(&mut self, out: &mut Vec<Action>) {
+        let answers = match (self.now, self.last_answer) {
+            (Some(now), Some(t)) => now.saturating_duration_since(t) <= self.cfg.divert_after,
+            _ => false,
+        };
+        if answers {
+            self.slow_timeouts += 1;
+        } else if !self.probing && self.mode != Mode::Offline {
+            self.probing = true;
+            out.push(Action::Probe);
+        }
+        self.transition(ModeEvent::DeliveryTimedOut, out);
+    }
+
     fn transition(&mut self, why: ModeEvent, out: &mut Vec<Action>) {
         let next = self.mode.next(why);
         if next != self.mode {
+            if let Some(now) = self.now {
+                self.dwell.changed(now, self.mode.relaxes_to(next));
+            }
+            if next == Mode::CatchUp {
+                self.answered = false;
+            }
             out.push(Action::ModeChanged {
                 from: self.mode,
                 to: next,
@@ -306,11 +423,26 @@ impl Delivery {
             });
             if next == Mode::Offline {
                 // A new drain round starts from the oldest record once the broker is back.
-                self.drain_after = None;
-                self.next_probe = None;
+                self.start_over();
+                // A probe has just failed: the next waits its interval. Otherwise probe at once.
+                self.next_probe = match why {
+                    ModeEvent::ProbeFailed => self.now.map(|now| now + self.cfg.probe_interval),
+                    _ => None,
+                };
             }
             self.mode = next;
         }
+    }
+
+    /// The next drain round starts from the oldest spooled record: some record before
+    /// `drain_after` is still in the spool (it timed out, or the broker went away). A spool read
+    /// still under way answers the old round's position and is dropped when it comes back
+    /// ([`Delivery::on_spool_read`]); taken, it would move the new round past that record, the
+    /// spool would look drained and the outbox go online with it left behind (57 records in the
+    /// third slow_broker run).
+    fn start_over(&mut self) {
+        self.drain_after = None;
+        self.round += 1;
     }
 
     fn on_finished(&mut self, id: FrameId, records: Vec<Record>, out: &mut Vec<Action>) {
@@ -326,6 +458,7 @@ impl Delivery {
             records: Vec::with_capacity(records.len()),
             open: records.len(),
             any_failed: false,
+            refused: false,
         };
         for (index, record) in records.into_iter().enumerate() {
             let bytes = record.size() as u64;
@@ -352,30 +485,41 @@ impl Delivery {
         &mut self,
         id: FrameId,
         index: usize,
-        failure: Option<(Refusal, String)>,
+        failure: Option<(Refusal, String, bool)>,
         out: &mut Vec<Action>,
     ) {
+        let waiting = |d: &Self| {
+            d.direct
+                .get(&id)
+                .and_then(|f| f.records.get(index))
+                .is_some_and(|s| s.state == SlotState::Waiting)
+        };
+        if !waiting(self) {
+            return; // unknown, or reported twice: ignore
+        }
+        if matches!(failure, Some((Refusal::Retriable, _, true))) {
+            // Spool new frames now, not when this frame's last record is answered.
+            self.timed_out(out);
+        }
         let Some(frame) = self.direct.get_mut(&id) else {
             return;
         };
         let Some(slot) = frame.records.get_mut(index) else {
             return;
         };
-        if slot.state != SlotState::Waiting {
-            return; // reported twice: ignore
-        }
         let refused_for_good = match failure {
             None => {
                 slot.state = SlotState::Acked;
                 None
             }
-            Some((Refusal::Permanent, error)) => Some(error),
-            Some((refusal, _)) => {
+            Some((Refusal::Permanent, error, _)) => Some(error),
+            Some((refusal, _, late)) => {
                 if refusal == Refusal::Fatal {
                     out.push(Action::RebuildProducer);
                 }
                 slot.state = SlotState::Failed;
                 frame.any_failed = true;
+                frame.refused |= !(late && refusal == Refusal::Retriable);
                 None
             }
         };
@@ -430,7 +574,10 @@ impl Delivery {
             .filter(|s| s.state == SlotState::Failed)
             .map(|s| s.record)
             .collect();
-        self.transition(ModeEvent::DeliveryFailed, out);
+        if frame.refused {
+            // Refused, not merely late: away. (Timeouts were handled as they came.)
+            self.transition(ModeEvent::DeliveryFailed, out);
+        }
         self.held.push_front((id, failed));
     }
 
@@ -463,6 +610,9 @@ impl Delivery {
         if !self.mode.drains() {
             return; // the broker went away while reading: the next round starts over
         }
+        if self.read_round != self.round {
+            return; // asked for before the round started over: stale
+        }
         if batch.is_empty() {
             // Frames still waiting for the spool must go through it first: going online now
             // would strand them there until the next outage.
@@ -472,11 +622,21 @@ impl Delivery {
                 && self.unflushed.is_empty()
                 && !self.spooling
             {
-                self.attempts.clear();
-                self.transition(ModeEvent::SpoolDrained, out);
+                // Not while the broker has just been late: back online it would be late again.
+                let quiet = match (self.now, self.pace.last_timeout()) {
+                    (Some(now), Some(t)) => {
+                        now.saturating_duration_since(t) >= self.dwell.current()
+                    }
+                    _ => true,
+                };
+                if quiet {
+                    self.attempts.clear();
+                    self.relax(ModeEvent::SpoolDrained, out);
+                }
             }
             return;
         }
+        let alone = self.pace.window() == 1;
         for (seq, record) in batch {
             self.drain_after = Some(seq);
             let record = Arc::new(record);
@@ -486,6 +646,8 @@ impl Delivery {
                     bytes: record.size() as u64,
                     original: record.clone(),
                     replaced: false,
+                    sent: self.pace.sent(),
+                    alone,
                 },
             );
             out.push(Action::ProduceDrained { seq, record });
@@ -497,11 +659,26 @@ impl Delivery {
         seq: Seq,
         refusal: Refusal,
         error: String,
+        timed_out: bool,
         out: &mut Vec<Action>,
     ) {
         let Some(entry) = self.draining.get_mut(&seq) else {
             return;
         };
+        let timed_out = timed_out && refusal == Refusal::Retriable;
+        if timed_out && !entry.alone {
+            // Late among others: the broker was offered too much at once. Not this record's
+            // fault, so no try is counted; it stays in the spool and the next round starts over
+            // from the oldest (once this round's records are answered), with a smaller window.
+            let sent = entry.sent;
+            self.draining.remove(&seq);
+            if let Some(now) = self.now {
+                self.pace.timed_out(sent, now);
+            }
+            self.start_over();
+            self.timed_out(out);
+            return;
+        }
         let tries = self.attempts.entry(seq).or_default();
         *tries += 1;
         let for_good = refusal == Refusal::Permanent || *tries >= MAX_DRAIN_ATTEMPTS;
@@ -545,11 +722,23 @@ impl Delivery {
         if refusal == Refusal::Fatal {
             out.push(Action::RebuildProducer);
         }
+        let sent = entry.sent;
         self.draining.remove(&seq);
+        if timed_out {
+            // Late although alone: counted as a try (above), so a record the broker can never
+            // take in time is dead-lettered after bounded tries rather than retried forever.
+            if let Some(now) = self.now {
+                self.pace.timed_out(sent, now);
+            }
+            self.start_over();
+            self.timed_out(out);
+            return;
+        }
         self.transition(ModeEvent::DeliveryFailed, out);
     }
 
     fn on_tick(&mut self, now: Instant, draining_allowed: bool, out: &mut Vec<Action>) {
+        self.now = Some(now);
         let removals = self.take_removals();
         if !removals.is_empty() {
             out.push(Action::Remove(removals));
@@ -559,9 +748,12 @@ impl Delivery {
             out.push(Action::Flush);
         }
         if self.mode == Mode::Slow && self.inflight_bytes < self.cfg.slow_inflight_bytes / 2 {
-            self.transition(ModeEvent::InflightBelow, out);
+            self.relax(ModeEvent::InflightBelow, out);
         }
-        if self.mode == Mode::Offline && !self.probing {
+        if self.mode == Mode::Offline && self.answered {
+            self.relax(ModeEvent::ProbeSucceeded, out);
+        }
+        if self.mode == Mode::Offline && !self.probing && !self.answered {
             let due = *self.next_probe.get_or_insert(now);
             if now >= due {
                 self.probing = true;
@@ -579,11 +771,15 @@ impl Delivery {
             return; // a failed round's records are still in flight; start over after them
         }
         let in_flight: u64 = self.draining.values().map(|d| d.bytes).sum();
-        let room = self.cfg.drain_window.saturating_sub(self.draining.len());
+        let room = match self.now {
+            Some(now) => self.pace.room(self.draining.len(), now),
+            None => 0,
+        };
         if room == 0 || in_flight > self.cfg.slow_inflight_bytes / 2 {
             return;
         }
         self.reading = true;
+        self.read_round = self.round;
         out.push(Action::ReadSpool {
             after: self.drain_after,
             max: room,
@@ -594,3 +790,7 @@ impl Delivery {
 #[cfg(test)]
 #[path = "delivery_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "slow_tests.rs"]
+mod slow_tests;

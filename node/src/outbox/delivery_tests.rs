@@ -5,7 +5,7 @@ use crate::config::{Config, LargeFramePolicy};
 use crate::records::{RecordKind, RecordLimit};
 use fovea_proto::headers as h;
 
-fn planner() -> RecordPlanner {
+pub(super) fn planner() -> RecordPlanner {
     RecordPlanner {
         node_id: "n1".into(),
         topics: Config::default().kafka.topics,
@@ -14,18 +14,25 @@ fn planner() -> RecordPlanner {
     }
 }
 
-fn delivery() -> Delivery {
+pub(super) fn delivery() -> Delivery {
     Delivery::new(
         DeliveryConfig {
             slow_inflight_bytes: 10_000,
             probe_interval: Duration::from_secs(1),
             drain_window: 8,
+            divert_after: Duration::from_secs(5),
+            // No dwell and no pause: these tests are about where records go (the rate limit and
+            // the pacing have their own tests, in slow_tests.rs).
+            min_dwell: Duration::ZERO,
+            max_dwell: Duration::ZERO,
+            min_pause: Duration::ZERO,
+            max_pause: Duration::ZERO,
         },
         planner(),
     )
 }
 
-fn record(kind: RecordKind, id: &str, bytes: usize) -> Record {
+pub(super) fn record(kind: RecordKind, id: &str, bytes: usize) -> Record {
     Record {
         kind,
         topic: format!("topic-{kind:?}"),
@@ -39,7 +46,7 @@ fn record(kind: RecordKind, id: &str, bytes: usize) -> Record {
     }
 }
 
-fn frame(id: &str) -> Vec<Record> {
+pub(super) fn frame(id: &str) -> Vec<Record> {
     vec![
         record(RecordKind::Frame, id, 100),
         record(RecordKind::Result, id, 10),
@@ -47,7 +54,7 @@ fn frame(id: &str) -> Vec<Record> {
 }
 
 /// A delivery that has probed the broker and drained an empty spool: online.
-fn online() -> Delivery {
+pub(super) fn online() -> Delivery {
     let mut d = delivery();
     let now = Instant::now();
     assert_eq!(d.handle(Event::Tick { now }, true), [Action::Probe]);
@@ -71,7 +78,7 @@ fn result_outstanding() -> Delivery {
     d
 }
 
-fn tick(d: &mut Delivery) -> Vec<Action> {
+pub(super) fn tick(d: &mut Delivery) -> Vec<Action> {
     d.handle(
         Event::Tick {
             now: Instant::now(),
@@ -80,7 +87,7 @@ fn tick(d: &mut Delivery) -> Vec<Action> {
     )
 }
 
-fn acks(actions: &[Action]) -> Vec<(FrameId, bool)> {
+pub(super) fn acks(actions: &[Action]) -> Vec<(FrameId, bool)> {
     actions
         .iter()
         .filter_map(|a| match a {
@@ -90,7 +97,7 @@ fn acks(actions: &[Action]) -> Vec<(FrameId, bool)> {
         .collect()
 }
 
-fn produced(actions: &[Action]) -> Vec<(FrameId, usize, RecordKind)> {
+pub(super) fn produced(actions: &[Action]) -> Vec<(FrameId, usize, RecordKind)> {
     actions
         .iter()
         .filter_map(|a| match a {
@@ -100,7 +107,7 @@ fn produced(actions: &[Action]) -> Vec<(FrameId, usize, RecordKind)> {
         .collect()
 }
 
-fn spooled(actions: &[Action]) -> Vec<(FrameId, Vec<RecordKind>)> {
+pub(super) fn spooled(actions: &[Action]) -> Vec<(FrameId, Vec<RecordKind>)> {
     actions
         .iter()
         .filter_map(|a| match a {
@@ -115,12 +122,13 @@ fn spooled(actions: &[Action]) -> Vec<(FrameId, Vec<RecordKind>)> {
         .collect()
 }
 
-fn failed(id: FrameId, index: usize, refusal: Refusal) -> Event {
+pub(super) fn failed(id: FrameId, index: usize, refusal: Refusal) -> Event {
     Event::Failed {
         id,
         index,
         refusal,
         error: format!("{refusal:?} error"),
+        timed_out: false,
     }
 }
 
@@ -388,7 +396,7 @@ fn offline_probes_at_its_interval_and_catches_up_when_the_broker_answers() {
     ));
 }
 
-fn catching_up() -> Delivery {
+pub(super) fn catching_up() -> Delivery {
     let mut d = delivery();
     tick(&mut d);
     d.handle(Event::Probe { ok: true }, true);
@@ -396,7 +404,7 @@ fn catching_up() -> Delivery {
 }
 
 /// Catching up with spooled record `seq` (of `kind`) handed to the producer.
-fn draining_one(seq: Seq, kind: RecordKind) -> Delivery {
+pub(super) fn draining_one(seq: Seq, kind: RecordKind) -> Delivery {
     let mut d = catching_up();
     tick(&mut d);
     let batch = vec![(seq, record(kind, "a", 10))];
@@ -404,15 +412,16 @@ fn draining_one(seq: Seq, kind: RecordKind) -> Delivery {
     d
 }
 
-fn drain_failed(seq: Seq, refusal: Refusal, error: &str) -> Event {
+pub(super) fn drain_failed(seq: Seq, refusal: Refusal, error: &str) -> Event {
     Event::DrainFailed {
         seq,
         refusal,
         error: error.into(),
+        timed_out: false,
     }
 }
 
-fn drained(actions: &[Action]) -> Vec<(Seq, RecordKind)> {
+pub(super) fn drained(actions: &[Action]) -> Vec<(Seq, RecordKind)> {
     actions
         .iter()
         .filter_map(|a| match a {
@@ -644,4 +653,53 @@ fn shutdown_starts_no_drain_round_and_settles_with_held_frames_unacked() {
     );
     assert!(d.settled());
     assert_eq!(d.frames_waiting(), 1);
+}
+
+/// The broker goes away and comes back while a spool read is under way: the read answers the
+/// old round's position, after the record that failed, and taking it would leave that record in
+/// the spool when the outbox goes online.
+#[test]
+fn a_spool_read_from_before_an_outage_is_dropped_when_catching_up_again() {
+    let mut d = catching_up();
+    tick(&mut d);
+    let batch = vec![
+        (1, record(RecordKind::Frame, "a", 10)),
+        (2, record(RecordKind::Result, "a", 10)),
+    ];
+    d.handle(Event::SpoolRead { batch }, true);
+    d.handle(Event::DrainDelivered { seq: 2 }, true);
+    let out = tick(&mut d);
+    assert_eq!(
+        out[1],
+        Action::ReadSpool {
+            after: Some(2),
+            max: 7
+        }
+    );
+    let out = d.handle(
+        drain_failed(1, Refusal::Retriable, "broker transport failure"),
+        true,
+    );
+    assert!(matches!(
+        out[..],
+        [Action::ModeChanged {
+            to: Mode::Offline,
+            ..
+        }]
+    ));
+    assert_eq!(tick(&mut d), [Action::Probe]);
+    d.handle(Event::Probe { ok: true }, true);
+    assert_eq!(d.mode(), Mode::CatchUp);
+    assert!(tick(&mut d).is_empty(), "one read at a time");
+    let stale = vec![(3, record(RecordKind::Frame, "b", 10))];
+    let out = d.handle(Event::SpoolRead { batch: stale }, true);
+    assert!(drained(&out).is_empty(), "stale: {out:?}");
+    assert_eq!(
+        tick(&mut d),
+        [Action::ReadSpool {
+            after: None,
+            max: 8
+        }],
+        "the new round starts from the oldest, seq 1"
+    );
 }

@@ -14,6 +14,8 @@
 
 mod alter_configs;
 pub mod delivery;
+pub mod dwell;
+pub mod pace;
 pub mod plan;
 pub mod producer;
 pub mod retention;
@@ -24,7 +26,7 @@ pub mod topics;
 use crate::config::SpoolConfig;
 use crate::job::{Done, JobMeta, now_ms};
 use crate::outbox::sequencer::Sequencer;
-use crate::records::{Record, RecordKind, Refusal, classify};
+use crate::records::{Record, RecordKind, Refusal, classify, timed_out};
 use crate::spool::{Appended, Spool, SpoolRecord};
 use crate::stats::{Stage, Stats};
 use delivery::{Action, Delivery, DeliveryConfig, Event, FrameId};
@@ -35,8 +37,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
-/// Spooled records handed to the producer at once while draining.
+/// Spooled records handed to the producer at once while draining (the most: a slow broker gets
+/// fewer, see `pace`).
 const DRAIN_WINDOW: usize = 256;
+/// Bounds of the dwell before a mode change towards sending more (see `dwell`): long enough that
+/// a broker slow under load does not flip the outbox every few seconds, short enough that a
+/// drained spool goes online soon after.
+const MIN_DWELL: Duration = Duration::from_secs(2);
+const MAX_DWELL: Duration = Duration::from_secs(60);
+/// Bounds of the drain's pause after a drained record timed out (see `pace`).
+const MIN_PAUSE: Duration = Duration::from_millis(250);
+const MAX_PAUSE: Duration = Duration::from_secs(8);
 /// Drops and spool write failures are logged at most this often (they are counted always).
 const LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// After a failed spool write, the next try waits this long (a full disk stays full a while).
@@ -83,6 +94,11 @@ impl<P: Produce> Outbox<P> {
                 slow_inflight_bytes: self.spool_cfg.slow_inflight_bytes,
                 probe_interval: Duration::from_millis(self.spool_cfg.probe_interval_ms),
                 drain_window: DRAIN_WINDOW,
+                divert_after: Duration::from_millis(self.spool_cfg.divert_after_ms),
+                min_dwell: MIN_DWELL,
+                max_dwell: MAX_DWELL,
+                min_pause: MIN_PAUSE,
+                max_pause: MAX_PAUSE,
             },
             self.planner.clone(),
         );
@@ -122,6 +138,12 @@ impl<P: Produce> Outbox<P> {
                 _ = tick.tick() => {
                     let actions = delivery.handle(Event::Tick { now: Instant::now() }, open);
                     self.perform(actions, &mut run).await;
+                    self.stats.set_pacing(
+                        delivery.drain_window(),
+                        delivery.drain_pause(),
+                        delivery.dwell(),
+                        delivery.slow_timeouts(),
+                    );
                     self.housekeeping(&mut run, false);
                 }
             }
@@ -180,11 +202,12 @@ impl<P: Produce> Outbox<P> {
                 Action::Produce { id, index, record } => {
                     self.produce(record, run, move |outcome| match outcome {
                         Ok(()) => Event::Delivered { id, index },
-                        Err((refusal, error)) => Event::Failed {
+                        Err((refusal, error, timed_out)) => Event::Failed {
                             id,
                             index,
                             refusal,
                             error,
+                            timed_out,
                         },
                     })
                     .await;
@@ -196,10 +219,11 @@ impl<P: Produce> Outbox<P> {
                             Stats::incr(&stats.drained);
                             Event::DrainDelivered { seq }
                         }
-                        Err((refusal, error)) => Event::DrainFailed {
+                        Err((refusal, error, timed_out)) => Event::DrainFailed {
                             seq,
                             refusal,
                             error,
+                            timed_out,
                         },
                     })
                     .await;
@@ -284,6 +308,7 @@ impl<P: Produce> Outbox<P> {
                         log::info!("spool drained: sending straight to the local broker again");
                     }
                     self.stats.set_local_broker(to);
+                    self.stats.mode_changed(from, to);
                 }
             }
         }
@@ -295,7 +320,7 @@ impl<P: Produce> Outbox<P> {
         &mut self,
         record: Arc<Record>,
         run: &Run,
-        report: impl FnOnce(Result<(), (Refusal, String)>) -> Event + Send + 'static,
+        report: impl FnOnce(Result<(), (Refusal, String, bool)>) -> Event + Send + 'static,
     ) {
         let (reports, stats, class) =
             (run.reports.clone(), self.stats.clone(), record.kind.class());
@@ -311,7 +336,7 @@ impl<P: Produce> Outbox<P> {
                 }
                 Err(e) => {
                     Stats::incr(&stats.delivery_failures);
-                    Err((classify(&e), e.to_string()))
+                    Err((classify(&e), e.to_string(), timed_out(&e)))
                 }
             };
             let _ = reports.send(report(outcome));

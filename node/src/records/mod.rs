@@ -28,4 +28,4 @@ pub use build::{
 };
 pub use policy::SizePolicy;
 pub use record::{Record, RecordKind, header_of, headers_of};
-pub use refusal::{Refusal, classify};
+pub use refusal::{Refusal, classify, timed_out};

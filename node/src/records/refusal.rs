@@ -37,6 +37,16 @@ impl Refusal {
     }
 }
 
+/// Whether the record was not acknowledged within librdkafka's `message.timeout.ms` (the outbox's
+/// `spool.divert_after_ms`): the broker is slow or away, which the outbox tells apart by whether
+/// it still answers.
+pub fn timed_out(error: &KafkaError) -> bool {
+    matches!(
+        error,
+        KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut)
+    )
+}
+
 /// Classifies a produce or delivery error.
 pub fn classify(error: &KafkaError) -> Refusal {
     match error {
