@@ -127,11 +127,11 @@ mod tests {
         let out = Path::new("/tmp/export");
         assert_eq!(
             frame_path(out, "cam-1", "node/cam-1/s42", "jpg").unwrap(),
-            Path::new("/tmp/export/cam-1/s42.jpg")
+            Path::new("/tmp/export/cam-1/s42.jpg") // not a sample photo
         );
         assert_eq!(
             frame_path(out, "dock.3", "n/dock.3/h0123abcd", "png").unwrap(),
-            Path::new("/tmp/export/dock.3/h0123abcd.png")
+            Path::new("/tmp/export/dock.3/h0123abcd.png") // not a sample photo
         );
     }
 
