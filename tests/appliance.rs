@@ -136,7 +136,10 @@ fn readiness_follows_the_local_broker_and_the_spool_shows_the_backlog() {
         (node.http_get("/readyz").0 == 200).then_some(())
     });
     // Frame 1 may have come before the first probe reached the broker, and so through the spool:
-    // let it drain first, so that what the spool holds below is the outage's frames alone.
+    // let it drain first, so that what the spool holds below is the outage's frames alone. The
+    // outbox is online only with the spool empty; the spool gauge alone can be a second old (it
+    // read 0 with frame 1's records still in the spool, and 3 results instead of 2 later).
+    node.wait_metric("fovea_local_broker_state{state=\"online\"}", 1.0);
     node.wait_metric("fovea_spool_records{class=\"result\"}", 0.0);
 
     kafka.stop();
