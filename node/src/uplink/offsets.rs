@@ -41,16 +41,25 @@ impl OffsetTracker {
         Self::default()
     }
 
+    /// The state of `topic/partition`, made on first use (without allocating the topic's name
+    /// again when it is known).
+    fn partition(&mut self, topic: &str, partition: i32) -> &mut Partition {
+        if !self.topics.contains_key(topic) {
+            self.topics.insert(topic.to_string(), Default::default());
+        }
+        self.topics
+            .get_mut(topic)
+            .expect("inserted above")
+            .entry(partition)
+            .or_default()
+    }
+
     /// Records that the consumer read `offset` and handed it off. Offsets normally increase; an
     /// offset at or below one already started means the consumer went back (a seek or a
     /// rebalance), so the records from there on are forgotten and will be read again. Earlier
     /// records still in flight keep blocking the commit.
     pub fn started(&mut self, topic: &str, partition: i32, offset: i64) {
-        let topic = match self.topics.get_mut(topic) {
-            Some(partitions) => partitions,
-            None => self.topics.entry(topic.to_string()).or_default(),
-        };
-        let p = topic.entry(partition).or_default();
+        let p = self.partition(topic, partition);
         if p.offsets
             .last_key_value()
             .is_some_and(|(&last, _)| last >= offset)
@@ -94,11 +103,7 @@ impl OffsetTracker {
     /// started offset before it is done, instead of waiting at the last one read for records that
     /// will never come. Ignored when `next` is not past the last started offset.
     pub fn passed(&mut self, topic: &str, partition: i32, next: i64) {
-        let topic = match self.topics.get_mut(topic) {
-            Some(partitions) => partitions,
-            None => self.topics.entry(topic.to_string()).or_default(),
-        };
-        let p = topic.entry(partition).or_default();
+        let p = self.partition(topic, partition);
         if p.offsets
             .last_key_value()
             .is_some_and(|(&last, _)| last >= next - 1)
