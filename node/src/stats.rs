@@ -115,12 +115,61 @@ pub struct Stats {
     pub slow_timeouts: AtomicU64,
     /// Whether the MQTT session is up (CONNACK seen, no error since).
     pub mqtt_connected: AtomicBool,
+    /// MQTT deliveries received and not yet acknowledged (`fovea_mqtt_inflight`), and when one
+    /// was last acknowledged: the health check's view of a wedged ingress.
+    pub mqtt_held: Arc<crate::job::HeldAcks>,
+    /// What the ingress is waiting for, if anything ([`IngressWait`]).
+    pub ingress_wait: AtomicU8,
+    /// Chunks stored and acked, QoS 0 frames dropped because the inference queue was full,
+    /// cameras known now, and cameras forgotten after being idle.
+    pub chunks_stored: AtomicU64,
+    pub qos0_dropped: AtomicU64,
+    pub cameras_known: AtomicU64,
+    pub cameras_evicted: AtomicU64,
     /// What each stage is doing, for the watchdog and `/healthz`.
     pub liveness: Liveness,
     histograms: [Histogram; STAGES.len()],
     /// ONNX Runtime time per model (one frame, one model).
     per_model: Mutex<BTreeMap<String, Arc<Histogram>>>,
     samples: [Mutex<Ring>; STAGES.len()],
+}
+
+/// What the ingress's dispatcher waits for, as `Stats::ingress_wait` holds it: the health check
+/// names it when deliveries are held and none acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum IngressWait {
+    Nothing = 0,
+    /// A place in the inference queue (`inference.queue_capacity`): the workers are behind.
+    Workers = 1,
+    /// A large-frame permit (`large_frames.max_in_flight`): large frames are not yet durable.
+    LargeFrame = 2,
+    /// The chunk store's write (`<state_dir>/chunks`).
+    ChunkStore = 3,
+}
+
+impl IngressWait {
+    pub fn describe(self) -> &'static str {
+        match self {
+            IngressWait::Nothing => "the ingress waits for nothing",
+            IngressWait::Workers => {
+                "the ingress waits for a place in the inference queue (workers behind)"
+            }
+            IngressWait::LargeFrame => {
+                "the ingress waits for a large-frame permit (large_frames.max_in_flight frames not yet durable)"
+            }
+            IngressWait::ChunkStore => "the ingress waits for the chunk store to write",
+        }
+    }
+
+    fn from_u8(v: u8) -> IngressWait {
+        match v {
+            1 => IngressWait::Workers,
+            2 => IngressWait::LargeFrame,
+            3 => IngressWait::ChunkStore,
+            _ => IngressWait::Nothing,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -130,6 +179,14 @@ struct Ring {
 }
 
 impl Stats {
+    pub fn set_ingress_wait(&self, wait: IngressWait) {
+        self.ingress_wait.store(wait as u8, Ordering::Relaxed);
+    }
+
+    pub fn ingress_wait(&self) -> IngressWait {
+        IngressWait::from_u8(self.ingress_wait.load(Ordering::Relaxed))
+    }
+
     pub fn incr(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
     }

@@ -86,6 +86,9 @@ impl Default for MqttConfig {
             max_metadata_bytes: 16 * 1024,
             reconnect_min_ms: 250,
             reconnect_max_ms: 30_000,
+            max_cameras: 1000,
+            camera_idle_secs: 600,
+            max_in_flight: 1000,
         }
     }
 }

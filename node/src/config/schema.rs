@@ -91,6 +91,14 @@ pub struct MqttConfig {
     /// First and largest delay between reconnect attempts; the delay doubles with jitter.
     pub reconnect_min_ms: u64,
     pub reconnect_max_ms: u64,
+    /// Cameras known at once; a frame from one more is dead-lettered (`too-many-cameras`)
+    /// unless a camera idle for `camera_idle_secs`, with nothing in flight, can be forgotten.
+    pub max_cameras: usize,
+    pub camera_idle_secs: u64,
+    /// Deliveries held un-acked above which the ingress stops reading from the broker. The
+    /// broker's own in-flight window (mosquitto's `max_inflight_messages`, 20) is meant to be
+    /// the bound; this one only guards memory against a broker configured without a window.
+    pub max_in_flight: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]

@@ -154,6 +154,15 @@ fn mqtt(config: &Config, p: &mut Problems) {
             m.max_metadata_bytes, config.kafka.record_limit_bytes
         ),
     );
+    p.check(m.max_cameras >= 1, "mqtt.max_cameras", "must be at least 1");
+    p.check(
+        m.max_in_flight >= 20,
+        "mqtt.max_in_flight",
+        format!(
+            "{} is below mosquitto's default in-flight window (20): fovea would stop reading, and pinging, while the broker still sends",
+            m.max_in_flight
+        ),
+    );
     p.check(
         m.reconnect_min_ms > 0,
         "mqtt.reconnect_min_ms",

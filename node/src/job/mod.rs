@@ -1,16 +1,18 @@
 //! What travels between the stages: a [`Job`] from ingress to the workers, a [`Done`] from the
 //! workers (or straight from ingress, for payloads refused at the door) to the outbox, with the
-//! MQTT acknowledgement ([`Ack`]) it carries, the reasons a payload is refused ([`Rejection`]),
+//! acknowledgement ([`Ack`]) it carries, the cameras and their frames' order ([`Cameras`]), the reasons a payload is refused ([`Rejection`]),
 //! the guard that turns a panic on one frame into such a reason ([`contain`]) and the record ids
 //! every stage names frames by. A leaf: it depends on no other stage, so ingress,
 //! pipeline and outbox depend on it and not on each other.
 
 mod ack;
+mod cameras;
 mod panic;
 mod rejection;
 
-pub use ack::Ack;
+pub use ack::{Ack, HeldAcks, Release};
 use bytes::Bytes;
+pub use cameras::{Cameras, TooManyCameras, UNKNOWN_CAMERA};
 use fovea_proto::v1::{Frame, InferenceResult};
 pub use panic::contain;
 pub use rejection::Rejection;

@@ -49,6 +49,11 @@ pub enum Rejection {
     ChunksIncomplete(String),
     #[error("chunked upload rejected: {0}")]
     ChunkRejected(String),
+    /// The node already knows `mqtt.max_cameras` cameras, none idle long enough to forget.
+    #[error(
+        "camera {camera:?} is one camera too many: the node knows mqtt.max_cameras ({max}) cameras with frames in the last mqtt.camera_idle_secs"
+    )]
+    TooManyCameras { camera: String, max: usize },
     /// A worker panicked on this frame (a bug in fovea or a library it uses, not the camera's
     /// fault); the frame is dead-lettered and acked so that it is not redelivered forever.
     #[error("internal error while processing the frame: {0}")]
@@ -75,6 +80,7 @@ impl Rejection {
             Rejection::BadChunk(_) => "bad-chunk",
             Rejection::ChunksIncomplete(_) => "chunks-incomplete",
             Rejection::ChunkRejected(_) => "chunk-rejected",
+            Rejection::TooManyCameras { .. } => "too-many-cameras",
             Rejection::Internal(_) => "internal-error",
         }
     }

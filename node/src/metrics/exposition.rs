@@ -75,6 +75,7 @@ pub fn render(health: &Health, process: &Process) -> String {
         &[],
         flag(s.mqtt_connected.load(std::sync::atomic::Ordering::Relaxed)),
     );
+    mqtt(&mut out, s);
     out.help(
         "fovea_local_broker_state",
         "gauge",
@@ -489,6 +490,52 @@ fn outbox(out: &mut Out, s: &Stats) {
         &[],
         gauge(&s.slow_timeouts),
     );
+}
+
+/// The ingress: what it holds for the MQTT broker, chunks, best-effort drops, cameras.
+fn mqtt(out: &mut Out, s: &Stats) {
+    let g = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed) as f64;
+    out.help(
+        "fovea_mqtt_inflight",
+        "gauge",
+        "MQTT deliveries received and not yet acknowledged (the broker's in-flight window for fovea).",
+    );
+    out.line("fovea_mqtt_inflight", &[], s.mqtt_held.count() as f64);
+    out.help(
+        "fovea_mqtt_ack_wait_seconds",
+        "gauge",
+        "How long deliveries have been held with none acknowledged; 0 when none are held.",
+    );
+    let stuck = s.mqtt_held.stuck_for(std::time::Instant::now());
+    out.line(
+        "fovea_mqtt_ack_wait_seconds",
+        &[],
+        stuck.map_or(0.0, |d| d.as_secs_f64()),
+    );
+    out.help(
+        "fovea_mqtt_chunks_stored_total",
+        "counter",
+        "Chunks of chunked uploads stored under state_dir and acknowledged before their frame was whole.",
+    );
+    out.line("fovea_mqtt_chunks_stored_total", &[], g(&s.chunks_stored));
+    out.help(
+        "fovea_mqtt_qos0_dropped_total",
+        "counter",
+        "QoS 0 frames dropped because the inference queue had no room (QoS 0 is at most once).",
+    );
+    out.line("fovea_mqtt_qos0_dropped_total", &[], g(&s.qos0_dropped));
+    out.help(
+        "fovea_cameras",
+        "gauge",
+        "Cameras the node keeps state for (mqtt.max_cameras).",
+    );
+    out.line("fovea_cameras", &[], g(&s.cameras_known));
+    out.help(
+        "fovea_cameras_evicted_total",
+        "counter",
+        "Cameras forgotten after mqtt.camera_idle_secs without a frame and nothing in flight.",
+    );
+    out.line("fovea_cameras_evicted_total", &[], g(&s.cameras_evicted));
 }
 
 fn stage_label(stage: Stage) -> &'static str {

@@ -108,6 +108,7 @@ fn start(
     .unwrap();
     let stats = Arc::new(Stats::default());
     let outbox = Outbox {
+        cameras: Arc::default(),
         producer: broker,
         planner: RecordPlanner {
             node_id: "n1".into(),

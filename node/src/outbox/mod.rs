@@ -56,6 +56,8 @@ const WRITE_RETRY: Duration = Duration::from_millis(250);
 const SPOOL_STATS_INTERVAL: Duration = Duration::from_secs(1);
 
 pub struct Outbox<P: Produce> {
+    /// The cameras' frame order, shared with the ingress (see [`crate::job::Cameras`]).
+    pub cameras: Arc<crate::job::Cameras>,
     pub producer: P,
     pub planner: RecordPlanner,
     pub stats: Arc<Stats>,
@@ -113,7 +115,7 @@ impl<P: Produce> Outbox<P> {
             last_spool_stats: None,
             spool_acked: 0,
         };
-        let mut sequencer = Sequencer::default();
+        let mut sequencer = Sequencer::new(self.cameras.clone());
         let mut tick = tokio::time::interval(Duration::from_millis(20));
         let mut open = true;
         self.stats.set_local_broker(delivery.mode());

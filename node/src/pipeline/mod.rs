@@ -17,7 +17,10 @@ use crate::blobstore::{self, BlobStore, BlobStoreOptions};
 use crate::config::Config;
 use crate::config::LargeFramePolicy;
 use crate::inference;
-use crate::ingress::mqtt::{Ingress, LargeFrameLimits};
+use crate::ingress::chunk_store::ChunkStore;
+use crate::ingress::dispatch::{BestEffort, Dispatcher, DispatcherParts, LargeFrameLimits};
+use crate::ingress::mqtt::Ingress;
+use crate::job::Cameras;
 use crate::outbox::plan::RecordPlanner;
 use crate::outbox::{Outbox, producer};
 use crate::records::{FRAMING_ALLOWANCE, RecordLimit};
@@ -101,7 +104,12 @@ pub async fn run(
             .join(", ")
     );
 
+    let cameras = Arc::new(Cameras::new(
+        cfg.mqtt.max_cameras,
+        Duration::from_secs(cfg.mqtt.camera_idle_secs),
+    ));
     let outbox = Outbox {
+        cameras: cameras.clone(),
         producer,
         planner: RecordPlanner {
             node_id,
@@ -132,13 +140,41 @@ pub async fn run(
         })
     });
 
+    let chunk_dir = cfg.node.state_dir.join("chunks");
+    let store = match ChunkStore::open(&chunk_dir) {
+        Ok(opened) => Some(opened),
+        Err(e) => {
+            // Chunked uploads still work, holding every chunk's ack until the frame is durable
+            // (which needs a broker in-flight window longer than the upload).
+            log::error!(
+                "chunk store {}: {e}; chunk acks wait for whole frames",
+                chunk_dir.display()
+            );
+            None
+        }
+    };
+    let best_effort = Arc::new(BestEffort {
+        limit: cfg.inference.queue_capacity,
+        ..BestEffort::default()
+    });
+    let (deliveries_tx, deliveries_rx) = tokio::sync::mpsc::unbounded_channel();
+    let dispatcher = Dispatcher::new(DispatcherParts {
+        cfg: &cfg.mqtt,
+        jobs: jobs_tx,
+        done: done_tx,
+        stats: stats.clone(),
+        cameras,
+        best_effort: best_effort.clone(),
+        large,
+        store,
+    });
+    let dispatcher = tokio::spawn(dispatcher.run(deliveries_rx, shutdown.clone()));
     let ingress = Ingress::new(
         &cfg.mqtt,
         &cfg.mqtt_client_id(),
-        jobs_tx,
-        done_tx,
+        deliveries_tx,
+        best_effort,
         stats.clone(),
-        large,
     );
     stats.liveness.set_started();
     ingress.run(shutdown, drained_rx).await;
@@ -146,6 +182,7 @@ pub async fn run(
         .mqtt_connected
         .store(false, std::sync::atomic::Ordering::Relaxed);
 
+    dispatcher.await.context("ingress dispatcher task")?;
     outbox_task.await.context("outbox task")?;
     if let Some(uplink) = uplink {
         let _ = uplink.await;

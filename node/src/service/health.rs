@@ -6,6 +6,13 @@
 //!   reachable. Not ready is not fatal: a node whose broker is away still takes frames into the
 //!   spool, but someone should look. The cloud link is reported, never required: the uplink
 //!   catches up when the cloud is back.
+//! - Held deliveries: the MQTT broker sends fovea at most its in-flight window of deliveries
+//!   un-acked; if fovea holds some and acknowledges none for `stall_after`, nothing more reaches
+//!   it, whatever the cause (a lost ack, a stage waiting forever). With the local broker online
+//!   that is a wedge: unhealthy, naming what the ingress waits for, and the watchdog restarts
+//!   the node (the held deliveries are redelivered). With the local broker away or slow, acks
+//!   wait for the spool, which is back-pressure with a known cause: not ready, but a restart
+//!   would not help, so it stays healthy.
 //! - Warnings: lines marked `warn` say that something will go wrong if nobody acts, while the node
 //!   still does its job. The uplink warns when the oldest unreplicated record of a local topic has
 //!   used `uplink.retention_warn_share` of the topic's `retention.ms`: the local broker is about
@@ -44,13 +51,40 @@ pub struct Check {
 impl Health {
     /// Ok, or why the node is stalled.
     pub fn live(&self) -> Result<(), String> {
-        match self
-            .stats
-            .liveness
-            .stalled(self.stall_after, Instant::now())
-        {
-            Some(why) => Err(why),
-            None => Ok(()),
+        let now = Instant::now();
+        if let Some(why) = self.stats.liveness.stalled(self.stall_after, now) {
+            return Err(why);
+        }
+        match self.held_stuck(now) {
+            Some((true, why)) => Err(why),
+            _ => Ok(()),
+        }
+    }
+
+    /// MQTT deliveries held with none acknowledged for longer than `stall_after`: whether that
+    /// is a wedge (the local broker is online, so nothing outside explains it) and what it is.
+    fn held_stuck(&self, now: Instant) -> Option<(bool, String)> {
+        let s = &self.stats;
+        let stuck = s.mqtt_held.stuck_for(now)?;
+        if stuck <= self.stall_after {
+            return None;
+        }
+        let held = format!(
+            "{} MQTT deliveries held un-acked and none acknowledged for {:.0} s, so the broker sends no more",
+            s.mqtt_held.count(),
+            stuck.as_secs_f64()
+        );
+        match s.local_broker() {
+            Some(Mode::Online) | None => {
+                Some((true, format!("{held}; {}", s.ingress_wait().describe())))
+            }
+            Some(mode) => Some((
+                false,
+                format!(
+                    "{held}: the local broker is {} and the spool holds them back",
+                    mode.name()
+                ),
+            )),
         }
     }
 
@@ -69,16 +103,19 @@ impl Health {
             detail,
         });
         let connected = s.mqtt_connected.load(Ordering::Relaxed);
+        let stuck = self.held_stuck(Instant::now());
         checks.push(Check {
             name: "mqtt",
-            ok: connected,
+            ok: connected && stuck.is_none(),
             warn: false,
-            detail: if connected {
-                "connected"
-            } else {
-                "not connected"
-            }
-            .into(),
+            detail: match (connected, stuck) {
+                (_, Some((_, why))) => why,
+                (true, None) => format!(
+                    "connected, {} deliveries held un-acked",
+                    s.mqtt_held.count()
+                ),
+                (false, None) => "not connected".into(),
+            },
         });
         let (ok, detail) = match s.local_broker() {
             None => (false, "not started"),
@@ -224,6 +261,54 @@ mod tests {
         h.stats.liveness.worker_idle(0);
         assert!(h.live().is_ok());
         assert!(h.ready());
+    }
+
+    fn held_delivery(h: &Health) -> crate::job::Ack {
+        let client =
+            rumqttc::AsyncClient::new(rumqttc::MqttOptions::new("t", "localhost", 1883), 4).0;
+        let mut publish =
+            rumqttc::Publish::new("cameras/a/frames", rumqttc::QoS::AtLeastOnce, vec![]);
+        publish.pkid = 1;
+        crate::job::Ack::new(client, &publish, &h.stats.mqtt_held)
+    }
+
+    #[test]
+    fn deliveries_held_with_no_ack_make_a_wedge_naming_what_the_ingress_waits_for() {
+        let mut h = health();
+        h.stall_after = Duration::from_millis(5);
+        h.stats.liveness.set_started();
+        h.stats.mqtt_connected.store(true, Ordering::Relaxed);
+        h.stats.set_local_broker(Mode::Online);
+        let ack = held_delivery(&h);
+        assert!(h.live().is_ok(), "held for less than stall_after");
+        assert!(
+            h.report()
+                .contains("ok   mqtt: connected, 1 deliveries held"),
+            "{}",
+            h.report()
+        );
+        h.stats.set_ingress_wait(crate::stats::IngressWait::Workers);
+        std::thread::sleep(Duration::from_millis(30));
+        let why = h.live().unwrap_err();
+        assert!(why.contains("1 MQTT deliveries held un-acked"), "{why}");
+        assert!(why.contains("inference queue"), "{why}");
+        assert!(
+            h.report().contains("FAIL mqtt: 1 MQTT deliveries held"),
+            "{}",
+            h.report()
+        );
+        // The local broker away explains it: not ready, but a restart would not help.
+        h.stats.set_local_broker(Mode::Offline);
+        assert!(h.live().is_ok());
+        assert!(
+            h.report().contains("the local broker is offline"),
+            "{}",
+            h.report()
+        );
+        h.stats.set_local_broker(Mode::Online);
+        drop(ack);
+        assert!(h.live().is_ok(), "nothing held: nothing stuck");
+        assert!(h.ready(), "{}", h.report());
     }
 
     #[test]

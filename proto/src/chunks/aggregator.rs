@@ -264,6 +264,12 @@ impl Aggregator {
         (self.frames.len(), self.bytes)
     }
 
+    /// Whether chunks of `(camera_id, frame_id)` are being gathered (it has not ended yet).
+    pub fn is_pending(&self, camera_id: &str, frame_id: &str) -> bool {
+        self.frames
+            .contains_key(&(camera_id.to_string(), frame_id.to_string()))
+    }
+
     /// Chunks that were ignored, by cause.
     pub fn stats(&self) -> Stats {
         self.stats
