@@ -40,17 +40,6 @@ fn claims_side(png: &[u8], side: u32) -> Vec<u8> {
     out
 }
 
-/// Peak resident memory of a process (VmHWM), in bytes.
-fn peak_rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .unwrap()
-        * 1024
-}
-
 #[test]
 fn huge_and_truncated_images_are_dead_lettered_and_memory_stays_bounded() {
     let dir = temp_dir();

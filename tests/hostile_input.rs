@@ -112,19 +112,6 @@ fn bad_camera_ids_are_acked_and_dead_lettered_and_the_next_frame_goes_through() 
     );
 }
 
-fn envelope(seq: u64, image: &[u8], metadata: &[(&str, &str)]) -> Vec<u8> {
-    Frame {
-        sequence: seq,
-        data: image.to_vec().into(),
-        metadata: metadata
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-        ..Frame::default()
-    }
-    .encode_to_vec()
-}
-
 #[test]
 fn a_panic_on_one_frame_is_an_acked_internal_error_and_the_next_frame_is_fine() {
     let dir = temp_dir();

@@ -124,6 +124,8 @@ pub struct Stats {
     /// cameras known now, and cameras forgotten after being idle.
     pub chunks_stored: AtomicU64,
     pub qos0_dropped: AtomicU64,
+    /// QoS 1 deliveries shed beyond `mqtt.max_in_flight` (redelivered on a new session).
+    pub mqtt_shed: AtomicU64,
     pub cameras_known: AtomicU64,
     pub cameras_evicted: AtomicU64,
     /// What each stage is doing, for the watchdog and `/healthz`.

@@ -163,7 +163,7 @@ impl Mosquitto {
             &conf,
             format!(
                 "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
-                 max_inflight_messages 32\nmax_queued_messages 100000\n"
+                 max_queued_messages 100000\n"
             ),
         )
         .expect("mosquitto.conf");
@@ -853,3 +853,28 @@ pub fn run_export(kafka: &Kafka, out: &Path, extra: &[&str]) -> (Option<i32>, St
 /// Noise PNGs (side 183 ~ 100 KB, 606 ~ 1.1 MB, 1155 ~ 4 MB, 4083 ~ 50 MB): the bench's generator.
 #[allow(unused_imports)] // not every test binary makes large frames
 pub use fovea::tools::bench::noise_png;
+
+/// Peak resident memory of a process (VmHWM), in bytes.
+pub fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmHWM in /proc/PID/status")
+        * 1024
+}
+
+/// A `fovea.v1.Frame` envelope around `image`, with camera sequence `seq` and `metadata`.
+pub fn envelope(seq: u64, image: &[u8], metadata: &[(&str, &str)]) -> Vec<u8> {
+    let frame = fovea_proto::v1::Frame {
+        sequence: seq,
+        data: image.to_vec().into(),
+        metadata: metadata
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..fovea_proto::v1::Frame::default()
+    };
+    prost::Message::encode_to_vec(&frame)
+}

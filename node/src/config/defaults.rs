@@ -88,7 +88,7 @@ impl Default for MqttConfig {
             reconnect_max_ms: 30_000,
             max_cameras: 1000,
             camera_idle_secs: 600,
-            max_in_flight: 1000,
+            max_in_flight: 100,
         }
     }
 }

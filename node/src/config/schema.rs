@@ -95,9 +95,10 @@ pub struct MqttConfig {
     /// unless a camera idle for `camera_idle_secs`, with nothing in flight, can be forgotten.
     pub max_cameras: usize,
     pub camera_idle_secs: u64,
-    /// Deliveries held un-acked above which the ingress stops reading from the broker. The
-    /// broker's own in-flight window (mosquitto's `max_inflight_messages`, 20) is meant to be
-    /// the bound; this one only guards memory against a broker configured without a window.
+    /// Deliveries held un-acked at most; beyond, new ones are shed (left un-acked for the broker
+    /// to send again on a renewed session). The broker's window (mosquitto's
+    /// `max_inflight_messages`, 20) is not a hard bound: mosquitto sends past it when acks come
+    /// back out of order.
     pub max_in_flight: usize,
 }
 

@@ -159,7 +159,7 @@ fn mqtt(config: &Config, p: &mut Problems) {
         m.max_in_flight >= 20,
         "mqtt.max_in_flight",
         format!(
-            "{} is below mosquitto's default in-flight window (20): fovea would stop reading, and pinging, while the broker still sends",
+            "{} is below mosquitto's default in-flight window (20): fovea would shed deliveries the broker is allowed to send",
             m.max_in_flight
         ),
     );

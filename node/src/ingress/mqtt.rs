@@ -7,8 +7,11 @@
 //!
 //! This task does nothing but poll the connection and hand deliveries to the dispatcher
 //! ([`super::dispatch`]), so that pings and acks go out however long the dispatcher waits: a busy
-//! node keeps its session. It stops reading only when it holds more than `mqtt.max_in_flight`
-//! deliveries, which a broker with a window never sends.
+//! node keeps its session. The broker's window is not a hard bound: mosquitto 2.0.11 sends past
+//! it once acks come back out of order (a subscriber that acks every other delivery ends up
+//! holding 31 with a window of 20; fovea, whose acks follow durability, held over 1000). So
+//! fovea bounds what it holds itself, `mqtt.max_in_flight`, by shedding (see [`Ingress::hand_on`])
+//! rather than by not reading, which would stop the keep-alive.
 
 use super::backoff::Backoff;
 use super::dispatch::{BestEffort, Delivery};
@@ -35,6 +38,11 @@ pub struct Ingress {
     held: Arc<HeldAcks>,
     best_effort: Arc<BestEffort>,
     stats: Arc<Stats>,
+    /// Deliveries shed since fovea held `mqtt.max_in_flight`; None when not shedding.
+    shed: Option<u64>,
+    /// A disconnect asked for to renew the session after shedding: the error it causes is not a
+    /// failure.
+    resuming: bool,
 }
 
 impl Ingress {
@@ -53,7 +61,9 @@ impl Ingress {
         if let (Some(user), Some(pass)) = (&cfg.username, &cfg.password) {
             opts.set_credentials(user.clone(), pass.clone());
         }
-        let (client, events) = AsyncClient::new(opts, 256);
+        // Room in the request channel for an ack of every delivery fovea may hold: sending an ack
+        // then never waits for the event loop, even while it is not reading (over the window).
+        let (client, events) = AsyncClient::new(opts, cfg.max_in_flight + 64);
         Ingress {
             cfg: cfg.clone(),
             client,
@@ -62,6 +72,8 @@ impl Ingress {
             held: stats.mqtt_held.clone(),
             best_effort,
             stats,
+            shed: None,
+            resuming: false,
         }
     }
 
@@ -77,16 +89,14 @@ impl Ingress {
             Duration::from_millis(self.cfg.reconnect_min_ms),
             Duration::from_millis(self.cfg.reconnect_max_ms),
         );
-        let mut paused = false;
+        let mut check = tokio::time::interval(Duration::from_millis(50));
         loop {
-            if self.over_window(&mut paused) {
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(20)) => continue,
-                    _ = drained.changed(), if self.deliveries.is_none() => return self.disconnect().await,
-                }
-            }
             let event = tokio::select! {
                 ev = self.events.poll() => ev,
+                _ = check.tick(), if self.shed.is_some() => {
+                    self.resume_after_shedding();
+                    continue;
+                }
                 _ = shutdown.changed(), if self.deliveries.is_some() => {
                     self.deliveries = None;
                     continue;
@@ -123,6 +133,10 @@ impl Ingress {
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => self.hand_on(publish),
                 Ok(_) => {}
+                Err(e) if std::mem::take(&mut self.resuming) => {
+                    self.stats.mqtt_connected.store(false, Ordering::Relaxed);
+                    log::info!("mqtt: reconnecting for the deliveries shed ({e})");
+                }
                 Err(e) => {
                     self.stats.mqtt_connected.store(false, Ordering::Relaxed);
                     let delay = backoff.next_delay();
@@ -154,25 +168,43 @@ impl Ingress {
         }
     }
 
-    /// Whether fovea holds more deliveries than `mqtt.max_in_flight` (logged when that starts).
-    fn over_window(&self, paused: &mut bool) -> bool {
-        let over = self.held.count() >= self.cfg.max_in_flight as u64;
-        if over && !*paused {
-            log::warn!(
-                "mqtt: {} deliveries held un-acked (mqtt.max_in_flight): not reading until some are acked. The broker should not send this many: set its max_inflight_messages",
-                self.held.count()
-            );
+    /// Once every held delivery has been acked after shedding, reconnects: the broker then
+    /// sends again what was shed (it still counts those as in flight to fovea).
+    fn resume_after_shedding(&mut self) {
+        if self.held.count() > 0 {
+            return;
         }
-        *paused = over;
-        over
+        if let Some(shed) = self.shed.take() {
+            log::info!(
+                "mqtt: every held delivery is acked; {shed} shed deliveries come back with a new session"
+            );
+            self.resuming = true;
+            let _ = self.client.try_disconnect();
+        }
     }
 
     /// Hands a delivery to the dispatcher, its ack counted as held from now. A QoS 0 delivery
-    /// beyond what the inference queue could take is dropped here (at most once).
-    fn hand_on(&self, publish: rumqttc::Publish) {
+    /// beyond what the inference queue could take is dropped here (at most once). A QoS 1
+    /// delivery beyond `mqtt.max_in_flight` held ones is shed: dropped un-acked, which the broker
+    /// redelivers on the next session; from then on every delivery is shed until all held ones
+    /// are acked, and then the session is renewed ([`Self::resume_after_shedding`]).
+    fn hand_on(&mut self, publish: rumqttc::Publish) {
         let Some(deliveries) = &self.deliveries else {
             return; // shutting down: the broker redelivers it next session
         };
+        if publish.qos != QoS::AtMostOnce
+            && (self.shed.is_some() || self.held.count() >= self.cfg.max_in_flight as u64)
+        {
+            if self.shed.is_none() {
+                log::warn!(
+                    "mqtt: {} deliveries held un-acked (mqtt.max_in_flight), more than the broker's window should allow: shedding new deliveries until those are acked, then renewing the session to get them again",
+                    self.held.count()
+                );
+            }
+            *self.shed.get_or_insert(0) += 1;
+            Stats::incr(&self.stats.mqtt_shed);
+            return;
+        }
         if publish.qos == QoS::AtMostOnce {
             let queued = self.best_effort.queued.fetch_add(1, Ordering::Relaxed);
             if queued >= self.best_effort.limit {

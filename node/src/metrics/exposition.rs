@@ -525,6 +525,12 @@ fn mqtt(out: &mut Out, s: &Stats) {
     );
     out.line("fovea_mqtt_qos0_dropped_total", &[], g(&s.qos0_dropped));
     out.help(
+        "fovea_mqtt_shed_total",
+        "counter",
+        "QoS 1 deliveries left un-acked beyond mqtt.max_in_flight held ones; the broker sends them again on a renewed session.",
+    );
+    out.line("fovea_mqtt_shed_total", &[], g(&s.mqtt_shed));
+    out.help(
         "fovea_cameras",
         "gauge",
         "Cameras the node keeps state for (mqtt.max_cameras).",

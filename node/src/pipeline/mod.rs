@@ -92,6 +92,7 @@ pub async fn run(
         max_metadata: cfg.mqtt.max_metadata_bytes,
         stats: stats.clone(),
         panic_on_metadata: workers::test_panic_key(),
+        lose_ack_on_metadata: workers::test_lose_ack_key(),
     };
     let threads = workers::spawn(&cfg.inference, &models, shared, jobs_rx, done_tx.clone())?;
     log::info!(

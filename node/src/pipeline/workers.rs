@@ -47,10 +47,16 @@ pub struct WorkerShared {
     /// Test-only: panic where inference would start on frames whose camera metadata has this
     /// key (see [`test_panic_key`]).
     pub panic_on_metadata: Option<String>,
+    /// Test-only: lose the MQTT ack of frames whose camera metadata has this key (see
+    /// [`test_lose_ack_key`]).
+    pub lose_ack_on_metadata: Option<String>,
 }
 
 /// The variable that arms the test-only panic: `FOVEA_TEST_PANIC_ON_METADATA=key`.
 pub const TEST_PANIC_ENV: &str = "FOVEA_TEST_PANIC_ON_METADATA";
+
+/// The variable that arms the test-only lost ack: `FOVEA_TEST_LOSE_ACK_ON_METADATA=key`.
+pub const TEST_LOSE_ACK_ENV: &str = "FOVEA_TEST_LOSE_ACK_ON_METADATA";
 
 /// Test-only hook for the end-to-end test of panic containment: the metadata key that makes a
 /// worker panic, from [`TEST_PANIC_ENV`], read once at start.
@@ -60,12 +66,26 @@ pub const TEST_PANIC_ENV: &str = "FOVEA_TEST_PANIC_ON_METADATA";
 /// one. Set by mistake it does no harm beyond what it says: frames carrying that key become
 /// `internal-error` dead letters (and acked); a node started with it logs a warning.
 pub fn test_panic_key() -> Option<String> {
-    let key = std::env::var(TEST_PANIC_ENV)
-        .ok()
-        .filter(|k| !k.is_empty())?;
-    log::warn!(
-        "{TEST_PANIC_ENV} is set (test-only): workers will panic on frames with metadata key {key:?}"
-    );
+    test_hook(
+        TEST_PANIC_ENV,
+        "workers will panic on frames with metadata key",
+    )
+}
+
+/// Test-only hook for the end-to-end test of the wedge check: frames whose camera metadata has
+/// this key ([`TEST_LOSE_ACK_ENV`]) are written as usual but their MQTT ack is lost, the kind of
+/// bug that fills the broker's in-flight window until nothing more arrives. Set by mistake, it
+/// wedges the node on such frames, and the health check then says so.
+pub fn test_lose_ack_key() -> Option<String> {
+    test_hook(
+        TEST_LOSE_ACK_ENV,
+        "the MQTT ack is lost for frames with metadata key",
+    )
+}
+
+fn test_hook(env: &str, what: &str) -> Option<String> {
+    let key = std::env::var(env).ok().filter(|k| !k.is_empty())?;
+    log::warn!("{env} is set (test-only): {what} {key:?}");
     Some(key)
 }
 
@@ -119,6 +139,16 @@ pub fn process(shared: &WorkerShared, engine: &mut Engine, job: Job) -> Done {
             );
             Verdict::Rejected { rejection, payload }
         });
+    if let (Some(key), Verdict::Frame { result, .. }) = (&shared.lose_ack_on_metadata, &verdict)
+        && result.metadata.contains_key(key)
+    {
+        log::warn!(
+            "{TEST_LOSE_ACK_ENV}: losing the ack of {}",
+            result.record_id
+        );
+        // Never sent and never dropped: held for as long as the process lives.
+        std::mem::forget(std::mem::take(&mut meta.ack));
+    }
     let finished = Instant::now();
     meta.finished = Some(finished);
     shared
