@@ -17,8 +17,6 @@ use fovea_proto::v1::{ClaimCheck, DeadLetter, Frame, InferenceResult, inference_
 use harness::*;
 use prost::Message as _;
 use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::message::{Header, Message as _, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use std::collections::HashMap;
@@ -194,20 +192,6 @@ fn a_panic_on_one_frame_is_an_acked_internal_error_and_the_next_frame_is_fine() 
     node.stop();
 }
 
-/// Creates `name` (one partition) on `kafka`.
-fn create_topic(kafka: &Kafka, name: &str) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", kafka.brokers())
-        .create()
-        .unwrap();
-    let topic = NewTopic::new(name, 1, TopicReplication::Fixed(1));
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let results = rt
-        .block_on(admin.create_topics(&[topic], &AdminOptions::new()))
-        .unwrap();
-    assert!(results.iter().all(Result::is_ok), "{results:?}");
-}
-
 /// Writes `frames` to `topic` as frame records, the way a hostile writer with broker access could.
 fn write_frames(kafka: &Kafka, topic: &str, frames: &[Frame]) {
     let producer: FutureProducer = ClientConfig::new()
@@ -271,7 +255,7 @@ fn files_under(dir: &std::path::Path) -> Vec<String> {
 fn export_of_hostile_records_writes_nothing_outside_and_fetches_nothing() {
     let dir = temp_dir();
     let kafka = Kafka::start(dir.path(), "edge");
-    create_topic(&kafka, "fovea.frames");
+    kafka.create_topic("fovea.frames", 1, &[]);
     let (elsewhere, connections) = counting_listener();
     let (allowed_port, allowed_connections) = counting_listener();
     let jpeg = small_jpegs().remove(0);

@@ -11,7 +11,6 @@ use harness::*;
 use prost::Message as _;
 use rdkafka::message::{Headers as _, Message as _};
 use std::collections::HashMap;
-use std::path::Path;
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(180);
@@ -23,16 +22,6 @@ fn config(mqtt: &Mosquitto, kafka: &Kafka, extra: &str) -> String {
         "models = [\"efficientnet-lite0\", \"ssdlite-person\"]",
         "models = [\"efficientnet-lite0\"]",
     )
-}
-
-fn exported(out: &Path, camera: &str) -> Vec<u8> {
-    let dir = out.join(camera);
-    let files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|e| e.unwrap().path())
-        .collect();
-    assert_eq!(files.len(), 1, "{camera}: {files:?}");
-    std::fs::read(&files[0]).unwrap()
 }
 
 /// Every record on the frames topic respects the limit (key + value + headers).
@@ -101,25 +90,10 @@ fn frames_from_100_kb_to_50_mb_arrive_byte_identical_under_a_1_mib_limit() {
     );
     for (camera, image) in &sent {
         assert!(
-            exported(&out, camera) == *image,
+            exported_file(&out, camera) == *image,
             "{camera}: reassembled bytes differ"
         );
     }
-}
-
-/// Splits `image` into FrameChunk payloads of at most `piece` bytes, as a small camera would.
-fn chunked_upload(
-    camera: &str,
-    frame_id: &str,
-    image: &[u8],
-    piece: usize,
-) -> Vec<(String, Vec<u8>)> {
-    let metadata = HashMap::from([("site".to_string(), "dock".to_string())]);
-    fovea_proto::chunks::split(frame_id, camera, "image/png", &metadata, image, piece)
-        .unwrap()
-        .into_iter()
-        .map(|c| (format!("cameras/{camera}/chunks"), c.encode_to_vec()))
-        .collect()
 }
 
 #[test]
@@ -146,7 +120,7 @@ fn a_4_mb_frame_uploaded_in_128_kb_chunks_is_reassembled() {
     assert_eq!(result.record_id, "test-node/small-cam/s42");
     let out = dir.path().join("export");
     export_frames(&kafka, &out);
-    assert!(exported(&out, "small-cam") == image);
+    assert!(exported_file(&out, "small-cam") == image);
 }
 
 #[test]
@@ -169,7 +143,7 @@ fn ten_cameras_sending_large_frames_at_once_get_their_own_frames_back() {
     assert!(summary.contains("exported 10 frame(s)"), "{summary}");
     for (i, image) in images.iter().enumerate() {
         assert!(
-            exported(&out, &format!("busy-{i}")) == *image,
+            exported_file(&out, &format!("busy-{i}")) == *image,
             "busy-{i} got another camera's bytes"
         );
     }
@@ -265,5 +239,5 @@ fn claim_check_record_holds_a_reference_to_identical_bytes() {
     let config = dir.path().join("fovea.toml");
     let summary = export_frames_with(&kafka, &out, &["--config", config.to_str().unwrap()]);
     assert!(summary.contains("1 claim-check"), "{summary}");
-    assert!(exported(&out, "claimed") == image);
+    assert!(exported_file(&out, "claimed") == image);
 }

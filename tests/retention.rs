@@ -8,7 +8,7 @@ mod harness;
 
 use harness::*;
 use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::Consumer;
 use std::collections::HashMap;
@@ -36,18 +36,6 @@ fn retention_of(kafka: &Kafka, topic: &str) -> HashMap<String, String> {
         .filter(|e| e.name.starts_with("retention.") || e.name == "segment.bytes")
         .filter_map(|e| Some((e.name, e.value?)))
         .collect()
-}
-
-fn create_topic(kafka: &Kafka, name: &str, settings: &[(&str, &str)]) {
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let topic = settings.iter().fold(
-        NewTopic::new(name, 3, TopicReplication::Fixed(1)),
-        |t, (k, v)| t.set(k, v),
-    );
-    let results = rt
-        .block_on(admin(kafka).create_topics(&[topic], &AdminOptions::new()))
-        .expect("create_topics");
-    assert!(results.iter().all(Result::is_ok), "{results:?}");
 }
 
 fn expect(settings: &[(&str, &str)]) -> HashMap<String, String> {
@@ -82,8 +70,8 @@ fn topics_carry_their_class_retention_and_existing_ones_are_corrected() {
     let mqtt = Mosquitto::start(dir.path());
     let kafka = Kafka::start(dir.path(), "edge");
     // What an older fovea left: frames with nothing set, results with a week's retention.ms.
-    create_topic(&kafka, "fovea.frames", &[]);
-    create_topic(&kafka, "fovea.results", &[("retention.ms", "604800000")]);
+    kafka.create_topic("fovea.frames", 3, &[]);
+    kafka.create_topic("fovea.results", 3, &[("retention.ms", "604800000")]);
     std::fs::write(
         dir.path().join("fovea.toml"),
         node_config(&mqtt, &kafka, ""),

@@ -10,8 +10,6 @@ use fovea_proto::v1::{DeadLetter, Frame, InferenceResult};
 use harness::*;
 use prost::Message as _;
 use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::message::{Headers as _, Message as _, OwnedMessage, Timestamp};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use std::collections::{HashMap, HashSet};
@@ -340,22 +338,6 @@ fn only_frames_matching_the_rules_arrive_as_thumbnails() {
 }
 
 /// Creates `name` on `kafka` (one partition) with topic `configs`, before anyone writes to it.
-fn create_topic(kafka: &Kafka, name: &str, configs: &[(&str, &str)]) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", kafka.brokers())
-        .create()
-        .unwrap();
-    let mut topic = NewTopic::new(name, 1, TopicReplication::Fixed(1));
-    for (k, v) in configs {
-        topic = topic.set(k, v);
-    }
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let results = rt
-        .block_on(admin.create_topics(&[topic], &AdminOptions::new()))
-        .unwrap();
-    assert!(results.iter().all(Result::is_ok), "{results:?}");
-}
-
 /// Writes `records` again, unchanged (key, headers, value, partition), with a client of the
 /// test's own; returns how many the broker acknowledged.
 fn write_again(kafka: &Kafka, records: &[OwnedMessage]) -> usize {
@@ -407,19 +389,6 @@ fn schema(r: &OwnedMessage) -> String {
     header(r, h::SCHEMA).unwrap_or_default()
 }
 
-/// Alphanumerics that do not compress, `n` bytes.
-fn noise_text(n: usize) -> String {
-    let mut state = 0x9e37_79b9_u32;
-    (0..n)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 17;
-            state ^= state << 5;
-            char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[state as usize % 36])
-        })
-        .collect()
-}
-
 #[test]
 fn records_over_the_cloud_limit_are_dead_lettered_locally_and_the_rest_replicated() {
     let dir = temp_dir();
@@ -428,7 +397,7 @@ fn records_over_the_cloud_limit_are_dead_lettered_locally_and_the_rest_replicate
     let cloud = Kafka::start(dir.path(), "cloud");
     // The cloud takes frame batches of 100 kB at most, while the node is told 256 KiB: chunks cut
     // for 256 KiB are refused by the cloud itself (MESSAGE_TOO_LARGE).
-    create_topic(&cloud, "fovea.frames", &[("max.message.bytes", "100000")]);
+    cloud.create_topic("fovea.frames", 1, &[("max.message.bytes", "100000")]);
     let uplink = "record_limit_bytes = 262144\ncompression = \"none\"";
     let frames = "enabled = true\nthumbnail_max_side = 64";
     // mqtt.max_metadata_bytes raised from its 16 KiB default (to half the local 1 MiB record

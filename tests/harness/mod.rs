@@ -154,19 +154,42 @@ pub struct Mosquitto {
     pub proc: Proc,
 }
 
+/// The text of `systemd/mosquitto-fovea.conf`, the snippet the .deb installs as
+/// `/etc/mosquitto/conf.d/fovea.conf`: the tests run mosquitto with the settings fovea ships.
+pub fn packaged_mosquitto_snippet() -> String {
+    let path = repo_root().join("systemd/mosquitto-fovea.conf");
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
+/// A test's mosquitto config: the lines Debian's `mosquitto.conf` and the user would add around
+/// the packaged snippet (a listener, authentication), then the snippet itself, unchanged. No
+/// `max_inflight_messages`: the in-flight window is mosquitto's default (20), as on a box.
+pub fn mosquitto_config(port: u16) -> String {
+    format!(
+        "# Written by the test harness (tests/harness/mod.rs).\n\
+         listener {port} 127.0.0.1\n\
+         # Loopback only, and the cameras of a test have no credentials.\n\
+         allow_anonymous true\n\
+         # Debian's mosquitto.conf turns persistence on; the snippet only sets how often it saves.\n\
+         # A test's mosquitto is never restarted, so its queue in memory is all that counts, and\n\
+         # without persistence it writes no database into the test folder.\n\
+         persistence false\n\
+         # Every packet logged (debug), so that a test can count from the broker's side what it\n\
+         # delivered to fovea and what fovea acknowledged (Mosquitto::session).\n\
+         log_type all\n\
+         \n\
+         # ---- systemd/mosquitto-fovea.conf, as the .deb installs it ----\n\
+         {}",
+        packaged_mosquitto_snippet()
+    )
+}
+
 impl Mosquitto {
     pub fn start(dir: &Path) -> Mosquitto {
         let bin = binary("FOVEA_MOSQUITTO_BIN", PathBuf::from("/usr/sbin/mosquitto"));
         let port = free_port();
         let conf = dir.join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
-                 max_queued_messages 100000\n"
-            ),
-        )
-        .expect("mosquitto.conf");
+        std::fs::write(&conf, mosquitto_config(port)).expect("mosquitto.conf");
         let log = dir.join("mosquitto.log");
         let mut child = spawn_logged(Command::new(bin).arg("-c").arg(&conf), &log);
         wait_for_port(port, "mosquitto", &mut child, &log);
@@ -175,6 +198,101 @@ impl Mosquitto {
             proc: Proc { child, log },
         }
     }
+}
+
+/// What mosquitto's log says passed between it and one client (`log_type all`).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Session {
+    /// Connections the client made (CONNECT accepted).
+    pub connects: usize,
+    /// PUBLISH packets sent to the client for the first time (`d0`), and again after a
+    /// reconnect (`d1`).
+    pub delivered: usize,
+    pub redelivered: usize,
+    /// PUBACKs received from the client.
+    pub acked: usize,
+    /// Message ids delivered and not acked yet, in the order mosquitto sent them first.
+    pub unacked: Vec<u16>,
+    /// PINGREQs from the client.
+    pub pings: usize,
+    /// Disconnects mosquitto made because the client was silent beyond 1.5 keep-alives.
+    pub keepalive_timeouts: usize,
+    /// Connections that ended without a DISCONNECT from the client ("closed its connection",
+    /// socket errors): a kill, or a client that gave up on the connection.
+    pub dropped: usize,
+    /// PUBLISH packets mosquitto received from every other client (the publishers).
+    pub published: usize,
+}
+
+impl Mosquitto {
+    /// Counts the log's lines about `client` (and the publishes from everyone else).
+    pub fn session(&self, client: &str) -> Session {
+        session_of(&self.proc.log_text(), client)
+    }
+
+    /// Polls the log until mosquitto delivered `want` messages to `client` (first deliveries)
+    /// and had every delivery acked, at most `timeout`; returns the last count.
+    pub fn wait_all_acked(&self, client: &str, want: usize, timeout: Duration) -> Session {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self.session(client);
+            if (s.delivered >= want && s.unacked.is_empty()) || Instant::now() > deadline {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// [`Mosquitto::session`] on a log's text. Lines look like
+/// `1796185541: Sending PUBLISH to subby (d0, q1, r0, m2, 'cameras/a/frames', ... (6 bytes))` and
+/// `1796185541: Received PUBACK from subby (Mid: 2, RC:0)`.
+pub fn session_of(log: &str, client: &str) -> Session {
+    let mut s = Session::default();
+    let mut unacked: Vec<u16> = Vec::new();
+    let to = format!("Sending PUBLISH to {client} (");
+    let ack = format!("Received PUBACK from {client} (Mid: ");
+    let timeout = format!("Client {client} has exceeded timeout");
+    let connected = format!(" as {client} (");
+    for line in log.lines() {
+        let Some((_, text)) = line.split_once(": ") else {
+            continue;
+        };
+        if let Some(rest) = text.strip_prefix(&to) {
+            let mid = rest
+                .split(", ")
+                .find_map(|f| f.strip_prefix('m')?.parse::<u16>().ok());
+            if rest.starts_with("d1") {
+                s.redelivered += 1;
+            } else {
+                s.delivered += 1;
+            }
+            if let Some(mid) = mid.filter(|m| !unacked.contains(m)) {
+                unacked.push(mid);
+            }
+        } else if let Some(rest) = text.strip_prefix(&ack) {
+            s.acked += 1;
+            if let Some(mid) = rest.split(',').next().and_then(|m| m.parse::<u16>().ok()) {
+                unacked.retain(|m| *m != mid);
+            }
+        } else if text.starts_with("New client connected") && text.contains(&connected) {
+            s.connects += 1;
+        } else if text == format!("Received PINGREQ from {client}") {
+            s.pings += 1;
+        } else if text.starts_with(&timeout) {
+            s.keepalive_timeouts += 1;
+        } else if text.starts_with(&format!("Client {client} closed its connection"))
+            || text.starts_with(&format!("Socket error on client {client},"))
+        {
+            s.dropped += 1;
+        } else if text.starts_with("Received PUBLISH from ")
+            && !text.contains(&format!("from {client} "))
+        {
+            s.published += 1;
+        }
+    }
+    s.unacked = unacked;
+    s
 }
 
 pub struct Kafka {
@@ -298,6 +416,26 @@ impl Kafka {
             assert!(Instant::now() < deadline, "nisshi never answered metadata");
         }
         kafka
+    }
+
+    /// Creates topic `name` with `partitions` and topic `settings` (before the node creates it
+    /// with its own).
+    pub fn create_topic(&self, name: &str, partitions: i32, settings: &[(&str, &str)]) {
+        use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+        use rdkafka::client::DefaultClientContext;
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", self.brokers())
+            .create()
+            .expect("admin client");
+        let topic = settings.iter().fold(
+            NewTopic::new(name, partitions, TopicReplication::Fixed(1)),
+            |t, (k, v)| t.set(k, v),
+        );
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        let results = rt
+            .block_on(admin.create_topics(&[topic], &AdminOptions::new()))
+            .expect("create_topics");
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
     }
 
     pub fn brokers(&self) -> String {
@@ -585,10 +723,17 @@ pub fn metric(body: &str, series: &str) -> Option<f64> {
 
 /// Publishes `(topic, payload)` pairs with QoS 1 and waits until the broker acked them all.
 pub fn publish(port: u16, messages: &[(String, Vec<u8>)]) {
+    publish_with(port, messages, 100, Duration::from_secs(60));
+}
+
+/// [`publish`] with up to `inflight` publishes un-acked at once (rumqttc's default is 100), all
+/// acked within `timeout`: for thousands of messages.
+pub fn publish_with(port: u16, messages: &[(String, Vec<u8>)], inflight: u16, timeout: Duration) {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
         let mut opts = MqttOptions::new(format!("test-pub-{}", free_port()), "127.0.0.1", port);
-        opts.set_max_packet_size(268_435_455, 268_435_455);
+        opts.set_max_packet_size(268_435_455, 268_435_455)
+            .set_inflight(inflight);
         let (client, mut events) = AsyncClient::new(opts, 64);
         // The event loop must run while we publish: it drains the request channel.
         let want = messages.len();
@@ -609,7 +754,7 @@ pub fn publish(port: u16, messages: &[(String, Vec<u8>)]) {
                 .await
                 .expect("publish");
         }
-        let mut events = tokio::time::timeout(Duration::from_secs(60), poller)
+        let mut events = tokio::time::timeout(timeout, poller)
             .await
             .unwrap_or_else(|_| panic!("not all {want} publishes were acked"))
             .expect("mqtt poller");
@@ -767,17 +912,22 @@ impl Load {
 
 /// Small JPEG frames (640x480) made from the shared photos: light enough for a steady load.
 pub fn small_jpegs() -> Vec<Vec<u8>> {
+    sample_jpegs(640, 480, 80)
+}
+
+/// The four sample photos resized to `width` x `height`, as JPEGs of `quality`.
+pub fn sample_jpegs(width: u32, height: u32, quality: u8) -> Vec<Vec<u8>> {
     ["chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg"]
         .iter()
         .map(|name| {
             let img = image::load_from_memory(&sample_image(name)).expect("photo");
             let img = img
-                .resize_exact(640, 480, image::imageops::FilterType::Triangle)
+                .resize_exact(width, height, image::imageops::FilterType::Triangle)
                 .to_rgb8();
             let mut out = Vec::new();
             image::codecs::jpeg::JpegEncoder::new_with_quality(
                 &mut std::io::Cursor::new(&mut out),
-                80,
+                quality,
             )
             .encode_image(&img)
             .expect("jpeg");
@@ -877,4 +1027,56 @@ pub fn envelope(seq: u64, image: &[u8], metadata: &[(&str, &str)]) -> Vec<u8> {
         ..fovea_proto::v1::Frame::default()
     };
     prost::Message::encode_to_vec(&frame)
+}
+
+/// Splits `image` into FrameChunk payloads of at most `piece` bytes on `cameras/<camera>/chunks`,
+/// as a small camera would (metadata `site = dock` on the frame).
+pub fn chunked_upload(
+    camera: &str,
+    frame_id: &str,
+    image: &[u8],
+    piece: usize,
+) -> Vec<(String, Vec<u8>)> {
+    use prost::Message as _;
+    let metadata = std::collections::HashMap::from([("site".to_string(), "dock".to_string())]);
+    fovea_proto::chunks::split(frame_id, camera, "image/png", &metadata, image, piece)
+        .expect("split")
+        .into_iter()
+        .map(|c| (format!("cameras/{camera}/chunks"), c.encode_to_vec()))
+        .collect()
+}
+
+/// How many records carry each `fovea-record-id`.
+pub fn record_id_counts(records: &[OwnedMessage]) -> std::collections::HashMap<String, usize> {
+    let mut out = std::collections::HashMap::new();
+    for r in records {
+        let id = header(r, fovea_proto::headers::RECORD_ID).unwrap_or_default();
+        *out.entry(id).or_insert(0) += 1;
+    }
+    out
+}
+
+/// `n` pseudo-random letters and digits (the same every run): text that neither compresses nor
+/// repeats, for metadata that must stay large on the wire.
+pub fn noise_text(n: usize) -> String {
+    let mut state = 0x9e37_79b9_u32;
+    (0..n)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[state as usize % 36])
+        })
+        .collect()
+}
+
+/// The one file `fovea frames export` wrote for `camera` under `out`.
+pub fn exported_file(out: &Path, camera: &str) -> Vec<u8> {
+    let dir = out.join(camera);
+    let files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.expect("dir entry").path())
+        .collect();
+    assert_eq!(files.len(), 1, "{camera}: {files:?}");
+    std::fs::read(&files[0]).expect("exported file")
 }

@@ -251,6 +251,34 @@ mod tests {
         }
     }
 
+    /// A CMYK JPEG (four components and Adobe's APP14 marker, as Pillow, Photoshop and print
+    /// workflows write them; `tests/data/README.md`) decodes to its RGB original's colours: not
+    /// refused, not inverted (measured: 1.8 levels a channel from the original, on average).
+    #[test]
+    fn a_cmyk_jpeg_decodes_to_the_colours_of_its_rgb_original() {
+        let cmyk = include_bytes!("../../../tests/data/chelsea-cmyk.jpg"); // not a sample photo
+        let rgb = include_bytes!("../../../models/samples/chelsea.png");
+        let limits = ImageLimits {
+            max_side: 8192,
+            max_pixels: 40_000_000,
+            ..limits()
+        };
+        let d = decode(cmyk, payload::JPEG, &limits).unwrap();
+        assert!(d.caveat.is_none());
+        let got = d.image.to_rgb8();
+        let original = image::load_from_memory(rgb).unwrap().to_rgb8();
+        assert_eq!(got.dimensions(), original.dimensions());
+        let total: u64 = got
+            .as_raw()
+            .iter()
+            .zip(original.as_raw())
+            .map(|(a, b)| u64::from(a.abs_diff(*b)))
+            .sum();
+        let mean = total as f64 / got.as_raw().len() as f64;
+        // JPEG at quality 85 costs a few levels; inverted or mis-converted colours cost ~100.
+        assert!(mean < 8.0, "mean difference {mean:.2} levels per channel");
+    }
+
     /// A JPEG that says "rotate 90° clockwise" in its EXIF block (orientation 6) comes out
     /// upright: its sides swap.
     #[test]

@@ -246,3 +246,44 @@ async fn frames_taken_while_the_broker_is_away_are_acked_from_the_spool_and_drai
     );
     assert_eq!(Stats::get(&stats.drained), 10);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_whose_records_panic_is_acked_as_an_internal_error_and_the_next_goes_through() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = FakeBroker {
+        max_bytes: 1 << 20,
+        ..FakeBroker::default()
+    };
+    let (tx, stats, task) = start(broker.clone(), dir.path());
+    until("online", || {
+        stats.local_broker() == Some(state::Mode::Online)
+    })
+    .await;
+    let mut marked = done("cam", 1, 100);
+    super::plan::mark_for_panic(&mut marked);
+    tx.send(marked).unwrap();
+    tx.send(done("cam", 2, 100)).unwrap();
+    until("2 acks", || Stats::get(&stats.acked) == 2).await;
+    drop(tx);
+    task.await.unwrap();
+    let taken = broker.taken.lock().unwrap().clone();
+    let kinds: Vec<RecordKind> = taken.iter().map(|r| r.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            RecordKind::DeadLetter,
+            RecordKind::Frame,
+            RecordKind::Result
+        ],
+        "the marked frame's dead letter, then the next frame's records"
+    );
+    let letter = DeadLetter::decode(taken[0].value.as_slice()).unwrap();
+    assert_eq!(letter.kind, "internal-error");
+    assert!(
+        letter.reason.contains("test-only panic"),
+        "{}",
+        letter.reason
+    );
+    assert_eq!(taken[1].record_id(), Some("n1/cam/s2"));
+    assert_eq!(taken[2].record_id(), Some("n1/cam/s2"));
+}

@@ -53,6 +53,7 @@ impl RecordPlanner {
     }
 
     fn plan_frame(&self, frame: &Frame, result: &InferenceResult) -> Vec<Record> {
+        panic_if_marked(frame);
         let mut result = result.clone();
         let disposition = result.frame.get_or_insert_default();
         let allow_chunks = self.large_policy != LargeFramePolicy::DeadLetter;
@@ -170,6 +171,34 @@ impl RecordPlanner {
     }
 }
 
+/// Test-only hook (unit tests of this module and of the outbox loop): a frame whose camera
+/// metadata has this key makes [`RecordPlanner::plan`] panic while building its records, the
+/// way a bug in encoding, sizing or chunking would. Not compiled outside `cfg(test)`; the
+/// end-to-end tests' hook for the workers is `FOVEA_TEST_PANIC_ON_METADATA` (pipeline/workers.rs).
+#[cfg(test)]
+pub(crate) const TEST_PANIC_KEY: &str = "fovea-test-plan-panic";
+
+#[cfg(test)]
+fn panic_if_marked(frame: &Frame) {
+    if frame.metadata.contains_key(TEST_PANIC_KEY) {
+        panic!(
+            "test-only panic while building the records of {}",
+            frame.record_id
+        );
+    }
+}
+
+#[cfg(not(test))]
+fn panic_if_marked(_: &Frame) {}
+
+/// Marks a finished frame for [`TEST_PANIC_KEY`].
+#[cfg(test)]
+pub(crate) fn mark_for_panic(done: &mut Done) {
+    if let Verdict::Frame { frame, .. } = &mut done.verdict {
+        frame.metadata.insert(TEST_PANIC_KEY.into(), "1".into());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -273,6 +302,41 @@ mod tests {
         assert!(records.iter().all(|r| p.limit.fits(r)), "every record fits");
         let result = result_of(&records);
         assert!(result.metadata.contains_key(records::METADATA_DROPPED));
+    }
+
+    #[test]
+    fn a_panic_while_planning_a_frame_is_its_internal_error_and_the_next_frame_is_planned() {
+        let p = planner(1 << 20);
+        let mut marked = frame_done(1000, 0);
+        mark_for_panic(&mut marked);
+        let records = p.plan(&marked);
+        assert_eq!(
+            records.len(),
+            1,
+            "one dead letter instead of frame and result"
+        );
+        assert_eq!(records[0].kind, RecordKind::DeadLetter);
+        assert_eq!(records[0].header(h::ERROR_KIND), Some("internal-error"));
+        let letter = DeadLetter::decode(records[0].value.as_slice()).unwrap();
+        assert_eq!(letter.kind, "internal-error");
+        assert!(
+            letter
+                .reason
+                .contains("panic: test-only panic while building the records of n1/cam/s1 (at "),
+            "{}",
+            letter.reason
+        );
+        assert!(letter.reason.contains("plan.rs:"), "{}", letter.reason);
+        assert_eq!(letter.source, "mqtt:cameras/cam/frames");
+        assert_eq!(letter.camera_id, "cam");
+        // The image is the evidence, kept as for any refused payload.
+        assert_eq!(letter.payload_size, 1000);
+        assert_eq!(&letter.payload[..], &[7u8; 1000][..]);
+
+        let next = p.plan(&frame_done(1000, 0));
+        let kinds: Vec<_> = next.iter().map(|r| r.kind).collect();
+        assert_eq!(kinds, [RecordKind::Frame, RecordKind::Result]);
+        assert_eq!(result_of(&next).frame.unwrap().size_policy, "inline");
     }
 
     #[test]
