@@ -60,6 +60,9 @@ pub fn push_piece(out: &mut Vec<u8>, tag: u8, bytes: &[u8]) {
 }
 
 #[cfg(test)]
+mod seeds;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
