@@ -180,24 +180,22 @@ fn frame_chunk() -> BTreeMap<&'static str, Vec<u8>> {
         .map(|c| Some(&c[..]))
         .chain([None])
         .collect();
-    let interleaved: Vec<Option<&[u8]>> = vec![
-        Some(&a[0]),
-        Some(&b[0]),
-        Some(&a[1]),
-        Some(&b[2]),
-        Some(&a[2]),
-        Some(&a[3]),
-        Some(&empty[0]),
-        None,
-    ];
-    let evicting: Vec<Option<&[u8]>> = vec![Some(&a[0]), Some(&b[0]), Some(&a[1]), None];
+    // All of a, b without its chunk 1 (b[0] and b[2] between a's), the empty frame, a timeout.
+    let mut interleaved: Vec<Option<&[u8]>> = a.iter().map(|c| Some(&c[..])).collect();
+    interleaved.insert(1, Some(&b[0]));
+    interleaved.insert(3, Some(&b[2]));
+    interleaved.extend([Some(&empty[0][..]), None]);
+    // One frame in flight at most: each new frame evicts the last, whose late chunk is ignored.
+    let c = chunks("node/cam-3/s1", "cam-3", &noise(500, 6), 200);
+    let evicting: Vec<Option<&[u8]>> =
+        vec![Some(&a[0]), Some(&b[0]), Some(&c[0]), Some(&a[1]), None];
     let mut round_trip = vec![ROUND_TRIP];
     round_trip.extend(200u16.to_le_bytes());
     round_trip.extend(noise(700, 3));
     [
         ("reversed-with-duplicate", sequence(roomy, &reversed, 10)),
         ("interleaved-one-lost", sequence(roomy, &interleaved, 50)),
-        ("evicting", sequence([255, 1, 255, 20], &evicting, 1)),
+        ("evicting", sequence([255, 1, 255, 20], &evicting, 50)),
         ("round-trip", round_trip),
     ]
     .into_iter()
@@ -282,6 +280,54 @@ fn on_disk() -> BTreeMap<String, BTreeMap<String, Vec<u8>>> {
             (target, seeds)
         })
         .collect()
+}
+
+/// The `frame_chunk` sequence seeds reach what their names say: a completion, a timeout, an
+/// eviction.
+#[test]
+fn chunk_seeds_reach_every_outcome() {
+    use fovea_proto::chunks::{Aggregator, IncompleteReason, Outcome};
+    use std::time::{Duration, Instant};
+    let outcomes = |input: &[u8]| -> Vec<String> {
+        let mut aggregator =
+            Aggregator::new(super::aggregator_limits(input[..4].try_into().unwrap()));
+        let mut now = Instant::now();
+        let mut seen = Vec::new();
+        for (tag, piece) in super::pieces(&input[4..]) {
+            let out = if tag >= EXPIRE {
+                now += Duration::from_millis(100) * u32::from(tag - EXPIRE);
+                aggregator.expire(now)
+            } else {
+                aggregator.push(FrameChunk::decode(piece).unwrap(), now)
+            };
+            seen.extend(out.iter().map(|o| match o {
+                Outcome::Complete(a) => format!("complete {}", a.camera_id),
+                Outcome::Incomplete {
+                    camera_id,
+                    reason: IncompleteReason::TimedOut,
+                    ..
+                } => {
+                    format!("timed out {camera_id}")
+                }
+                Outcome::Incomplete { camera_id, .. } => format!("evicted {camera_id}"),
+                Outcome::Rejected { camera_id, .. } => format!("rejected {camera_id}"),
+            }));
+        }
+        seen
+    };
+    let seeds = frame_chunk();
+    assert_eq!(
+        outcomes(&seeds["reversed-with-duplicate"]),
+        ["complete cam-1"]
+    );
+    assert_eq!(
+        outcomes(&seeds["interleaved-one-lost"]),
+        ["complete cam-1", "complete cam-1", "timed out cam-2"]
+    );
+    assert_eq!(
+        outcomes(&seeds["evicting"]),
+        ["evicted cam-1", "evicted cam-2", "timed out cam-3"]
+    );
 }
 
 #[test]
