@@ -76,6 +76,11 @@ trap 'rm -rf "$work"' EXIT
 status=0
 for target in "${targets[@]}"; do
   bin="$CARGO_TARGET_DIR/$TRIPLE/release/$target"
+  if [[ ! -x "$bin" || ! -d "fuzz/corpus/$target" ]]; then
+    echo "fuzz $target: FAILED (no such target, or no fuzz/corpus/$target)"
+    status=1
+    continue
+  fi
   mkdir -p "$work/$target/corpus" "$work/$target/artifacts"
   cp fuzz/corpus/"$target"/* "$work/$target/corpus/"
   # -timeout: an input that takes 10 s is a hang; -rss_limit_mb: the targets need little.

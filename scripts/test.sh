@@ -70,6 +70,6 @@ awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p +=
      /^standalone check ok: / { p++ }
      /^standalone check FAILED: / { f++ }
      /^fuzz [^ ]+: .*, no crash$/ { p++ }
-     /^fuzz [^ ]+: CRASH/ { f++ }
+     /^fuzz [^ ]+: (CRASH|FAILED)/ { f++ }
      END { printf "\n%d passed, %d failed, %d skipped\n", p, f, s }' "$log"
 exit "$status"

@@ -1,4 +1,4 @@
-//! The claim-check server's request parser (shared with the `/metrics` endpoint):
+//! The claim-check server's request parser (the `/metrics` endpoint reads requests the same way):
 //! `fovea::fuzzing::parse_request` (the head as the servers read it, 8 KiB at most, then the
 //! request line) and `route`.
 //!

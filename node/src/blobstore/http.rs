@@ -219,10 +219,10 @@ pub enum ParsedRequest {
     Incomplete,
 }
 
-/// The request parsing of the blob server (and of the `/metrics` endpoint, which shares it) as
-/// a pure function of the bytes a client sent: the head read by the same `read_head`, with the
-/// same 8 KiB limit, then the request line. For the fuzz target (`fuzz/`) and tests; the
-/// servers read from their connections with a timeout instead.
+/// The blob server's request parsing as a pure function of the bytes a client sent: the head
+/// read by the same `read_head`, with the same 8 KiB limit, then `parse_request_line` (the
+/// `/metrics` endpoint reads its requests with the same two). For the fuzz target (`fuzz/`) and
+/// tests; the servers read from their connections, with a timeout.
 pub fn parse_request(bytes: &[u8]) -> ParsedRequest {
     use std::future::Future;
     use std::task::{Context, Poll, Waker};
