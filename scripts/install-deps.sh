@@ -5,8 +5,9 @@
 # Usage: scripts/install-deps.sh [demo|test]     (default: test, which includes demo)
 #   demo  what the demo needs: mosquitto, the build's C libraries, nisshi (the local Kafka
 #         broker, built once: ~15 min on 2 cores) and ONNX Runtime (a PyPI wheel, ~1 min)
-#   test  the demo's group, plus rustfmt/clippy and the packaging tools the tests use
-#         (systemd-analyze, dpkg-dev, debootstrap, cargo-deb: ~3 min once)
+#   test  the demo's group, plus rustfmt/clippy, the packaging tools the tests use
+#         (systemd-analyze, dpkg-dev, debootstrap, cargo-deb: ~3 min once) and cargo-fuzz
+#         with the nightly toolchain (scripts/fuzz.sh: ~1 min once)
 # Slow things are cached under ${FOVEA_CACHE:-$HOME/.cache/fovea}; see scripts/env.sh for the
 # resulting paths.
 set -euo pipefail
@@ -61,6 +62,7 @@ nisshi_ok || plan+=("nisshi $NISSHI_VERSION, the local Kafka-protocol broker, bu
 if [[ $GROUP == test ]]; then
   command -v debootstrap >/dev/null 2>&1 || plan+=("packaging tools for the tests: systemd, dpkg-dev, debootstrap (about 1 minute)")
   cargo deb --version >/dev/null 2>&1 || plan+=("cargo-deb, built with cargo install (about 2 minutes, once)")
+  cargo fuzz --version >/dev/null 2>&1 || plan+=("cargo-fuzz (and the nightly toolchain) for scripts/fuzz.sh, built with cargo install (about 1 minute, once)")
 fi
 if ((${#plan[@]})); then
   log "first run on this machine: installing (group '$GROUP')"
@@ -136,6 +138,10 @@ if [[ $GROUP == test ]]; then
     log "cargo install cargo-deb $CARGO_DEB_VERSION (about 2 minutes, once)"
     cargo install cargo-deb --version "$CARGO_DEB_VERSION" --locked --quiet
   fi
+
+  # The fuzz targets' tools: the nightly toolchain and cargo-fuzz (scripts/fuzz.sh keeps the
+  # version and installs them the same way when run on its own).
+  bash "$(dirname "${BASH_SOURCE[0]}")/fuzz.sh" --install
 fi
 # ---------------------------------------------------------------- end of test group
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test command (README, CI): install/check dependencies, then format check,
-# clippy with warnings as errors, the whole workspace's tests, and the unit tests under
-# qemu-user for aarch64.
+# clippy with warnings as errors, the whole workspace's tests, the fuzz targets for a bounded
+# time, and the unit tests under qemu-user for aarch64.
 # Tests start their own brokers on ephemeral ports from FOVEA_NISSHI_BIN,
 # FOVEA_MOSQUITTO_BIN and ORT_DYLIB_PATH, so no demo services are started here.
 set -euo pipefail
@@ -29,6 +29,8 @@ fi
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
+# The fuzz targets are a workspace of their own (fuzz/).
+cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 
 step "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
@@ -39,6 +41,13 @@ trap 'rm -f "$log"' EXIT
 status=0
 # --no-fail-fast: one failing test binary must not hide the results of the others.
 cargo test --workspace --no-fail-fast 2>&1 | tee "$log" || status=$?
+
+# The fuzz targets (fuzz/, README "Fuzzing"), 30 s each on their seed corpora, one line each;
+# a crash fails the run. Skip with FOVEA_SKIP_FUZZ=1 while iterating locally; CI never sets it.
+if [[ "${FOVEA_SKIP_FUZZ:-0}" != 1 ]]; then
+  step "scripts/fuzz.sh"
+  bash scripts/fuzz.sh 2>&1 | tee -a "$log" || status=$?
+fi
 
 # A clone of HEAD in an empty folder runs the demo on its own (scripts/check-standalone.sh says
 # what it checks); it reuses the dev build cargo test just made. Skip with
@@ -56,9 +65,11 @@ if [[ "${FOVEA_SKIP_CROSS:-0}" != 1 ]]; then
   bash scripts/cross.sh test aarch64 2>&1 | tee -a "$log" || status=$?
 fi
 # One closing line for the whole run (cargo prints one per test binary, the last often a
-# doc-test run with nothing in it; check-standalone.sh one line per check).
+# doc-test run with nothing in it; check-standalone.sh and fuzz.sh one line per check or target).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1); if ($(i) ~ /^ignored;?$/) s += $(i-1) } }
      /^standalone check ok: / { p++ }
      /^standalone check FAILED: / { f++ }
+     /^fuzz [^ ]+: .*, no crash$/ { p++ }
+     /^fuzz [^ ]+: (CRASH|FAILED)/ { f++ }
      END { printf "\n%d passed, %d failed, %d skipped\n", p, f, s }' "$log"
 exit "$status"

@@ -19,11 +19,16 @@
 //! - [`uplink`]: replication to the cloud cluster.
 //! - [`tools`]: `fovea camera`, `fovea tail`, `fovea frames export`, `fovea bench`.
 //! - [`cli`], [`logging`]: the binary's edges.
+//!
+//! `fuzzing` (hidden) is no API: it opens the decoders of outside bytes that are not public
+//! elsewhere to the fuzz targets in `fuzz/`.
 
 pub mod blobstore;
 pub mod cli;
 pub mod config;
 pub mod disk;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod inference;
 pub mod ingress;
 pub mod job;

@@ -15,7 +15,7 @@ use tokio::time::timeout;
 use super::{BlobError, BlobStore};
 
 /// The largest request head (request line and headers) the server reads.
-const MAX_REQUEST_HEAD: u64 = 8 * 1024;
+pub const MAX_REQUEST_HEAD: u64 = 8 * 1024;
 /// How long a client has to send its request head.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// A response is dropped when its client reads nothing for this long.
@@ -90,28 +90,27 @@ async fn accept(
 /// Serves one request on `stream`, then closes it.
 async fn handle(store: &BlobStore, stream: TcpStream, peer: SocketAddr) {
     let mut conn = BufReader::new(stream);
-    let (status, line) = match timeout(HEAD_TIMEOUT, read_head(&mut conn, MAX_REQUEST_HEAD)).await {
-        Err(_) => (408, "request head timed out".to_string()),
-        Ok(Err(HeadError::TooLarge)) => (431, "request head too large".to_string()),
-        Ok(Err(HeadError::Io(e))) => {
+    let head = timeout(HEAD_TIMEOUT, read_head(&mut conn, MAX_REQUEST_HEAD)).await;
+    let (status, line) = match head.map(parse_head) {
+        // (Incomplete: only parse_request says so; the timeout stands for it here.)
+        Err(_) | Ok(Ok(ParsedRequest::Incomplete)) => (408, "request head timed out".to_string()),
+        Ok(Err(e)) => {
             log::debug!("blobstore: {peer}: reading the request: {e}");
             return;
         }
-        Ok(Ok(lines)) => match parse_request_line(&lines[0]) {
-            Some((method, path)) => {
-                let outcome = respond(store, conn.get_mut(), method, path).await;
-                let line = format!("{method} {path}");
-                match outcome {
-                    Ok((status, sent)) => {
-                        log::debug!("blobstore: {peer} {line} -> {status}, {sent} body bytes");
-                    }
-                    Err(e) => log::debug!("blobstore: {peer} {line}: response failed: {e}"),
+        Ok(Ok(ParsedRequest::Request { method, target })) => {
+            let outcome = respond(store, conn.get_mut(), &method, &target).await;
+            let line = format!("{method} {target}");
+            match outcome {
+                Ok((status, sent)) => {
+                    log::debug!("blobstore: {peer} {line} -> {status}, {sent} body bytes");
                 }
-                linger_close(conn).await;
-                return;
+                Err(e) => log::debug!("blobstore: {peer} {line}: response failed: {e}"),
             }
-            None => (400, format!("malformed request line {:?}", lines[0])),
-        },
+            linger_close(conn).await;
+            return;
+        }
+        Ok(Ok(ParsedRequest::Refused { status, why })) => (status, why),
     };
     log::debug!("blobstore: {peer}: {status}: {line}");
     let _ = send_simple(
@@ -131,17 +130,14 @@ async fn respond(
     method: &str,
     path: &str,
 ) -> io::Result<(u16, u64)> {
-    let path = path.split('?').next().unwrap_or(path);
-    let blob_id = path.strip_prefix("/blobs/");
-    if path != "/healthz" && blob_id.is_none() {
-        return send_simple(out, 404, method == "HEAD", "not found\n").await;
-    }
-    if method != "GET" && method != "HEAD" {
-        return send_simple(out, 405, false, "only GET and HEAD are allowed\n").await;
-    }
     let head_only = method == "HEAD";
-    let Some(id) = blob_id else {
-        return send_simple(out, 200, head_only, "ok").await;
+    let id = match route(method, path) {
+        Route::NotFound => return send_simple(out, 404, head_only, "not found\n").await,
+        Route::MethodNotAllowed => {
+            return send_simple(out, 405, false, "only GET and HEAD are allowed\n").await;
+        }
+        Route::Health => return send_simple(out, 200, head_only, "ok").await,
+        Route::Blob(id) => id,
     };
     let Ok(file_path) = store.blob_path(id) else {
         let body = "malformed blob id: expected 64 lowercase hex digits\n";
@@ -183,6 +179,82 @@ async fn respond(
         sent += n as u64;
     }
     Ok((200, sent))
+}
+
+/// What a request asks the blob server for, from its method and target (query ignored).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route<'a> {
+    /// Neither `/healthz` nor under `/blobs/`: 404.
+    NotFound,
+    /// A known path with a method other than GET or HEAD: 405.
+    MethodNotAllowed,
+    /// `/healthz`: 200.
+    Health,
+    /// `/blobs/<id>`, the id as sent (the store checks it is a SHA-256 before it names a file).
+    Blob(&'a str),
+}
+
+/// The blob server's routing.
+pub fn route<'a>(method: &str, target: &'a str) -> Route<'a> {
+    let path = target.split('?').next().unwrap_or(target);
+    let blob_id = path.strip_prefix("/blobs/");
+    if path != "/healthz" && blob_id.is_none() {
+        return Route::NotFound;
+    }
+    if method != "GET" && method != "HEAD" {
+        return Route::MethodNotAllowed;
+    }
+    blob_id.map_or(Route::Health, Route::Blob)
+}
+
+/// What a server makes of the bytes a client sent ([`parse_request`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ParsedRequest {
+    /// A request line to answer (route it with [`route`]).
+    Request { method: String, target: String },
+    /// Answered with `status` (400: malformed request line; 431: head over 8 KiB), unrouted.
+    Refused { status: u16, why: String },
+    /// The bytes end before the head's empty line: a server waits for more, then answers 408
+    /// (or closes, if the client closed).
+    Incomplete,
+}
+
+/// The blob server's request parsing as a pure function of the bytes a client sent: the head
+/// read by the same `read_head`, with the same 8 KiB limit, then `parse_request_line` (the
+/// `/metrics` endpoint reads its requests with the same two). For the fuzz target (`fuzz/`) and
+/// tests; the servers read from their connections, with a timeout.
+pub fn parse_request(bytes: &[u8]) -> ParsedRequest {
+    use std::future::Future;
+    use std::task::{Context, Poll, Waker};
+    let mut rest = bytes;
+    let head = std::pin::pin!(read_head(&mut rest, MAX_REQUEST_HEAD));
+    // Reading a slice never waits, so one poll finishes.
+    let Poll::Ready(head) = head.poll(&mut Context::from_waker(Waker::noop())) else {
+        return ParsedRequest::Incomplete;
+    };
+    parse_head(head).unwrap_or(ParsedRequest::Incomplete)
+}
+
+/// A head as `read_head` returned it: the request line, or the status to refuse it with; the
+/// read's I/O error (the client went away) as such.
+fn parse_head(head: Result<Vec<String>, HeadError>) -> io::Result<ParsedRequest> {
+    Ok(match head {
+        Err(HeadError::TooLarge) => ParsedRequest::Refused {
+            status: 431,
+            why: "request head too large".to_string(),
+        },
+        Err(HeadError::Io(e)) => return Err(e),
+        Ok(lines) => match parse_request_line(&lines[0]) {
+            Some((method, target)) => ParsedRequest::Request {
+                method: method.to_string(),
+                target: target.to_string(),
+            },
+            None => ParsedRequest::Refused {
+                status: 400,
+                why: format!("malformed request line {:?}", lines[0]),
+            },
+        },
+    })
 }
 
 /// Sends a short text response (`head_only`: without its body).

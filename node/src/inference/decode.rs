@@ -144,7 +144,7 @@ fn truncation(data: &[u8], format: ImageFormat) -> Option<String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use image::{ImageBuffer, Luma, Rgb};
 
@@ -292,7 +292,7 @@ mod tests {
     }
 
     /// Inserts an APP1 Exif segment with one IFD entry, Orientation = `value`, after SOI.
-    fn with_exif_orientation(jpeg: &[u8], value: u16) -> Vec<u8> {
+    pub(crate) fn with_exif_orientation(jpeg: &[u8], value: u16) -> Vec<u8> {
         let mut tiff = b"MM\0\x2a\0\0\0\x08".to_vec();
         tiff.extend(1u16.to_be_bytes()); // one entry
         tiff.extend(0x0112u16.to_be_bytes()); // Orientation

@@ -25,8 +25,9 @@ pub fn sniff(data: &[u8]) -> Option<&'static str> {
 }
 
 /// Turns a payload published by `camera` into a [`Frame`] (not yet decoded: that is the workers'
-/// job, off the I/O threads). Sets `camera_id`, `content_type` and leaves fovea's own fields unset.
-/// An envelope whose metadata exceeds `max_metadata_bytes` is refused.
+/// job, off the I/O threads). Sets `camera_id` and `content_type`; fovea's own fields stay unset,
+/// whatever an envelope put in them. An envelope whose metadata exceeds `max_metadata_bytes` is
+/// refused.
 pub fn parse(camera: &str, payload: Bytes, max_metadata_bytes: usize) -> Result<Frame, Rejection> {
     if payload.is_empty() {
         return Err(Rejection::Empty);
@@ -39,15 +40,26 @@ pub fn parse(camera: &str, payload: Bytes, max_metadata_bytes: usize) -> Result<
             ..Frame::default()
         });
     }
-    let mut frame = Frame::decode(payload.clone()).map_err(|_| unrecognised(&payload))?;
-    if frame.data.is_empty() {
+    let sent = Frame::decode(payload.clone()).map_err(|_| unrecognised(&payload))?;
+    if sent.data.is_empty() {
         // A payload of random bytes can decode as an empty protobuf message; call it what it is.
-        return Err(if frame == Frame::default() {
+        return Err(if sent == Frame::default() {
             unrecognised(&payload)
         } else {
             Rejection::EnvelopeEmpty
         });
     }
+    // The camera's fields only: fovea's own (record id, node, sides, receive time, claim check)
+    // are fovea's to set, whatever an envelope says (found by fuzz/fuzz_targets/payload.rs).
+    let mut frame = Frame {
+        camera_id: sent.camera_id,
+        sequence: sent.sequence,
+        captured_at_ms: sent.captured_at_ms,
+        content_type: sent.content_type,
+        data: sent.data,
+        metadata: sent.metadata,
+        ..Frame::default()
+    };
     if !frame.camera_id.is_empty() && frame.camera_id != camera {
         return Err(Rejection::CameraMismatch {
             envelope: frame.camera_id,
@@ -160,6 +172,42 @@ mod tests {
         };
         let err = parse("c1", no_image.encode_to_vec().into(), 1 << 16).unwrap_err();
         assert_eq!(err.kind(), "empty-envelope");
+    }
+
+    /// An envelope that sets fovea's own fields: the fuzz target's first crash, a width of 64
+    /// (field 8, fourteen times over) around a 4-byte JPEG, then the fields one by one.
+    #[test]
+    fn envelope_cannot_set_fovea_fields() {
+        let mut crash = vec![0x40; 14];
+        crash.extend([0x2a, 0x04, 0xff, 0xd8, 0xff, 0xe0]);
+        crash.extend([0x40; 12]);
+        let f = parse("c1", crash.into(), 1 << 16).unwrap();
+        assert_eq!((f.width, &f.data[..]), (0, &[0xff, 0xd8, 0xff, 0xe0][..]));
+
+        let env = Frame {
+            sequence: 3,
+            data: Bytes::from_static(TINY_JPEG),
+            record_id: "other/c1/s3".into(),
+            node_id: "other".into(),
+            width: 640,
+            height: 480,
+            received_at_ms: 99,
+            claim: Some(fovea_proto::v1::ClaimCheck {
+                url: "http://elsewhere/blobs/x".into(),
+                sha256: "x".into(),
+                size: 1,
+            }),
+            ..Frame::default()
+        };
+        let f = parse("c1", env.encode_to_vec().into(), 1 << 16).unwrap();
+        let expected = Frame {
+            camera_id: "c1".into(),
+            sequence: 3,
+            content_type: JPEG.into(),
+            data: Bytes::from_static(TINY_JPEG),
+            ..Frame::default()
+        };
+        assert_eq!(f, expected);
     }
 
     #[test]
