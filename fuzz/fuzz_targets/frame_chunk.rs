@@ -132,19 +132,8 @@ fn push(
 
 /// Checks an outcome against the frame it ends, and forgets the frame.
 fn end(in_flight: &mut HashMap<Key, Started>, outcome: &Outcome) -> Started {
-    let key = match outcome {
-        Outcome::Complete(a) => (a.camera_id.clone(), a.frame_id.clone()),
-        Outcome::Incomplete {
-            camera_id,
-            frame_id,
-            ..
-        }
-        | Outcome::Rejected {
-            camera_id,
-            frame_id,
-            ..
-        } => (camera_id.clone(), frame_id.clone()),
-    };
+    let (camera, frame) = outcome.key();
+    let key = (camera.to_string(), frame.to_string());
     let started = in_flight
         .remove(&key)
         .unwrap_or_else(|| panic!("an outcome for a frame not in flight: {outcome:?}"));

@@ -117,7 +117,9 @@ impl ChunkedUploads {
         let before = self.aggregator.stats();
         let outcomes = self.aggregator.push(chunk, now);
         let after = self.aggregator.stats();
-        let ends_own = outcomes.iter().any(|o| outcome_key(o) == (&key.0, &key.1));
+        let ends_own = outcomes
+            .iter()
+            .any(|o| o.key() == (key.0.as_str(), key.1.as_str()));
         let mut pushed = Pushed::default();
         let mut own = Some(ack);
         if ends_own {
@@ -179,8 +181,8 @@ impl ChunkedUploads {
             .into_iter()
             .map(|outcome| {
                 let (camera, frame_id) = {
-                    let (c, f) = outcome_key(&outcome);
-                    (c.clone(), f.clone())
+                    let (c, f) = outcome.key();
+                    (c.to_string(), f.to_string())
                 };
                 let result = upload_result(outcome);
                 let key = (camera.clone(), frame_id);
@@ -201,22 +203,6 @@ impl ChunkedUploads {
                 }
             })
             .collect()
-    }
-}
-
-fn outcome_key(outcome: &Outcome) -> (&String, &String) {
-    match outcome {
-        Outcome::Complete(done) => (&done.camera_id, &done.frame_id),
-        Outcome::Incomplete {
-            camera_id,
-            frame_id,
-            ..
-        }
-        | Outcome::Rejected {
-            camera_id,
-            frame_id,
-            ..
-        } => (camera_id, frame_id),
     }
 }
 

@@ -97,6 +97,25 @@ pub enum Outcome {
     },
 }
 
+impl Outcome {
+    /// The frame it is about: (camera id, frame id).
+    pub fn key(&self) -> (&str, &str) {
+        match self {
+            Outcome::Complete(done) => (&done.camera_id, &done.frame_id),
+            Outcome::Incomplete {
+                camera_id,
+                frame_id,
+                ..
+            }
+            | Outcome::Rejected {
+                camera_id,
+                frame_id,
+                ..
+            } => (camera_id, frame_id),
+        }
+    }
+}
+
 /// Why a frame was rejected. Every one means the producer sent something inconsistent (or the
 /// bytes were corrupted on the way): nothing to retry; log it, count it, dead-letter it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
