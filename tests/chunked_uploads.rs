@@ -171,9 +171,8 @@ fn ten_cameras_interleaving_chunked_uploads_each_get_their_frame_once() {
     let dir = temp_dir();
     let mqtt = Mosquitto::start(dir.path());
     let kafka = Kafka::start(dir.path(), "edge");
-    // Default config: ten uploads at once is more than large_frames.max_chunked_uploads (8)
-    // frames being reassembled; the issue asks that interleaved uploads from many cameras
-    // complete, with the chunks stored on disk rather than held.
+    // Default config (large_frames.max_chunked_uploads 64): ten uploads at once, each longer
+    // than a broker window's share, all complete, their chunks stored on disk rather than held.
     let node = Node::start(dir.path(), &node_config(&mqtt, &kafka, ""));
     // 1.1 MB each (over the 1 MiB record limit): 9 chunks a camera, 90 in all.
     let images: Vec<Vec<u8>> = (0..10).map(|i| noise_png(606, 200 + i)).collect();

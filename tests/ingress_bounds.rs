@@ -9,7 +9,8 @@
 //!   `too-many-cameras` dead letters, peak memory bounded, the next frame of a known camera
 //!   inferred; an idle camera makes room for a new one;
 //! - QoS 0 frames are taken at most once: every one sent is either a result or counted in
-//!   `fovea_mqtt_qos0_dropped_total`.
+//!   `fovea_mqtt_qos0_dropped_total`;
+//! - deliveries shed over the budget (spilling off) come back on a renewed session.
 
 mod harness;
 
@@ -163,8 +164,11 @@ fn thousands_of_camera_ids_are_bounded_by_max_cameras_and_memory_stays_bounded()
     publish(mqtt.port, &messages);
     let results = kafka.read("fovea.results", 1000, WAIT);
     let letters = kafka.read("fovea.deadletter", 1000, WAIT);
+    let m = node.http_get("/metrics").1;
+    let spilled = metric(&m, "fovea_mqtt_spilled_total").unwrap_or(0.0);
+    let shed = metric(&m, "fovea_mqtt_shed_total").unwrap_or(0.0);
     println!(
-        "{cameras} cameras: {} results, {} dead letters in {:.1} s",
+        "{cameras} cameras: {} results, {} dead letters in {:.1} s ({spilled} payloads spilled over mqtt.max_in_flight, {shed} deliveries shed)",
         results.len(),
         letters.len(),
         started.elapsed().as_secs_f64()
@@ -308,4 +312,55 @@ fn qos0_frames_are_each_a_result_or_counted_as_dropped() {
         "each QoS 0 frame is a result or a drop"
     );
     assert!(q > 0);
+}
+
+/// The last resort when mosquitto sends past its window: with spilling off and the least
+/// `mqtt.max_in_flight` (20), a burst of frames makes fovea shed deliveries, renew its session
+/// once it has acked what it holds, and get them again; every frame arrives, nothing is held at
+/// the end. (The packaged settings spill instead: tests/backlog.rs.)
+#[test]
+fn deliveries_shed_over_the_budget_come_back_on_a_renewed_session() {
+    let dir = temp_dir();
+    let mqtt = Mosquitto::start(dir.path());
+    let kafka = Kafka::start(dir.path(), "edge");
+    let config = classifier_only(node_config(
+        &mqtt,
+        &kafka,
+        "mqtt.max_in_flight = 20\nmqtt.spill_max_bytes = 0",
+    ));
+    let node = Node::start(dir.path(), &config);
+    let jpegs = small_jpegs();
+    let sent = 300;
+    let messages: Vec<(String, Vec<u8>)> = (0..sent)
+        .map(|i| {
+            (
+                format!("cameras/burst-{}/frames", i % 3),
+                envelope(i as u64 / 3 + 1, &jpegs[i % jpegs.len()], &[]),
+            )
+        })
+        .collect();
+    publish(mqtt.port, &messages);
+    let results = kafka.read("fovea.results", sent, WAIT);
+    let ids: HashSet<String> = results.iter().filter_map(record_id_of).collect();
+    let metrics = node.http_get("/metrics").1;
+    let shed = metric(&metrics, "fovea_mqtt_shed_total").unwrap_or(0.0);
+    let renewals = node
+        .proc
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("reconnecting for the deliveries shed"))
+        .count();
+    println!(
+        "sent {sent}: {} results ({} distinct), {shed} deliveries shed, {renewals} session renewals",
+        results.len(),
+        ids.len()
+    );
+    assert_eq!(ids.len(), sent, "every frame arrived");
+    assert!(
+        shed > 0.0,
+        "mosquitto 2.0.11 sends past its window, so fovea sheds"
+    );
+    assert!(renewals >= 1);
+    assert_eq!(metric(&metrics, "fovea_mqtt_spilled_total"), Some(0.0));
+    node.wait_metric("fovea_mqtt_inflight", 0.0);
 }

@@ -126,6 +126,10 @@ pub struct Stats {
     pub qos0_dropped: AtomicU64,
     /// QoS 1 deliveries shed beyond `mqtt.max_in_flight` (redelivered on a new session).
     pub mqtt_shed: AtomicU64,
+    /// QoS 1 deliveries whose payload waited on disk (over the memory budget), and the bytes
+    /// spilled now.
+    pub mqtt_spilled: AtomicU64,
+    pub mqtt_spill_bytes: AtomicU64,
     pub cameras_known: AtomicU64,
     pub cameras_evicted: AtomicU64,
     /// What each stage is doing, for the watchdog and `/healthz`.

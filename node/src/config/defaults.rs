@@ -88,7 +88,9 @@ impl Default for MqttConfig {
             reconnect_max_ms: 30_000,
             max_cameras: 1000,
             camera_idle_secs: 600,
-            max_in_flight: 100,
+            max_in_flight: 1000,
+            max_in_flight_bytes: 64 << 20,
+            spill_max_bytes: 1 << 30,
         }
     }
 }
@@ -193,7 +195,7 @@ impl Default for LargeFramesConfig {
         Self {
             policy: LargeFramePolicy::Chunk,
             max_in_flight: 2,
-            max_chunked_uploads: 8,
+            max_chunked_uploads: 64,
             chunk_timeout_ms: 30_000,
             store_dir: PathBuf::new(),
             store_max_bytes: 4 << 30,

@@ -95,11 +95,15 @@ pub struct MqttConfig {
     /// unless a camera idle for `camera_idle_secs`, with nothing in flight, can be forgotten.
     pub max_cameras: usize,
     pub camera_idle_secs: u64,
-    /// Deliveries held un-acked at most; beyond, new ones are shed (left un-acked for the broker
-    /// to send again on a renewed session). The broker's window (mosquitto's
-    /// `max_inflight_messages`, 20) is not a hard bound: mosquitto sends past it when acks come
-    /// back out of order.
+    /// Deliveries, and their payload bytes, held un-acked at most; beyond either, new ones are
+    /// shed (left un-acked for the broker to send again on a renewed session). The broker's
+    /// window (mosquitto's `max_inflight_messages`, 20) is no bound: mosquitto 2.0.11 sends up to
+    /// a window's worth more on every ack while others are outstanding.
     pub max_in_flight: usize,
+    pub max_in_flight_bytes: u64,
+    /// Payload bytes of deliveries beyond that budget kept on disk until taken (0: none, shed
+    /// at once).
+    pub spill_max_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]

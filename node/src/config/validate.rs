@@ -156,6 +156,11 @@ fn mqtt(config: &Config, p: &mut Problems) {
     );
     p.check(m.max_cameras >= 1, "mqtt.max_cameras", "must be at least 1");
     p.check(
+        m.max_in_flight_bytes >= 1 << 20,
+        "mqtt.max_in_flight_bytes",
+        format!("{} is below 1 MiB", m.max_in_flight_bytes),
+    );
+    p.check(
         m.max_in_flight >= 20,
         "mqtt.max_in_flight",
         format!(

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 /// One part of what fovea may use on disk.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Part {
-    /// `spool`, `local_broker`, `claim_checks`, `logs` (the `part` label in `/metrics`).
+    /// `spool`, `local_broker`, `chunk_uploads`, `ingress_spill`, `claim_checks`, `logs` (the
+    /// `part` label in `/metrics`).
     pub name: &'static str,
     /// The folder the part lives in.
     pub path: PathBuf,
@@ -55,6 +56,24 @@ pub fn parts(cfg: &Config) -> Vec<Part> {
                 "{} topics x {partitions} partitions x (retention_bytes + segment_bytes), kafka.retention",
                 per_topic.len()
             ),
+            own_folder: true,
+        });
+    }
+    // The ingress's transient files: chunks of uploads in progress (the reassembly holds at most
+    // twice mqtt.max_frame_bytes of uploads) and payloads over the memory budget.
+    parts.push(Part {
+        name: "chunk_uploads",
+        path: cfg.node.state_dir.join("chunks"),
+        budget: Some(cfg.mqtt.max_frame_bytes as u64 * 2),
+        basis: "2 x mqtt.max_frame_bytes (uploads being reassembled)".into(),
+        own_folder: true,
+    });
+    if cfg.mqtt.spill_max_bytes > 0 {
+        parts.push(Part {
+            name: "ingress_spill",
+            path: cfg.node.state_dir.join("ingress-spill"),
+            budget: Some(cfg.mqtt.spill_max_bytes),
+            basis: "mqtt.spill_max_bytes".into(),
             own_folder: true,
         });
     }
@@ -162,7 +181,16 @@ mod tests {
         let cfg = Config::default();
         let parts = parts(&cfg);
         let names: Vec<_> = parts.iter().map(|p| p.name).collect();
-        assert_eq!(names, ["spool", "local_broker", "logs"]);
+        assert_eq!(
+            names,
+            [
+                "spool",
+                "local_broker",
+                "chunk_uploads",
+                "ingress_spill",
+                "logs"
+            ]
+        );
         // 3 partitions x ((1 GiB + 64 MiB) frames + (1 GiB + 64 MiB) results + (128 + 16) MiB
         // dead letters).
         let gib = 1u64 << 30;
@@ -172,6 +200,11 @@ mod tests {
             Some(3 * (2 * (gib + 64 * mib) + 144 * mib))
         );
         assert_eq!(parts[0].budget, Some(gib));
+        assert_eq!(parts[2].budget, Some(128 * mib), "2 x mqtt.max_frame_bytes");
+        assert_eq!(parts[3].budget, Some(gib), "mqtt.spill_max_bytes");
+        let mut off = Config::default();
+        off.mqtt.spill_max_bytes = 0;
+        assert!(super::parts(&off).iter().all(|p| p.name != "ingress_spill"));
     }
 
     #[test]

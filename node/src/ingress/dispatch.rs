@@ -11,6 +11,7 @@
 use super::chunk_store::ChunkStore;
 use super::chunked::{ChunkedUploads, Pushed, Upload};
 use super::payload::Rejection;
+use super::spill::Spilled;
 use super::topic::{self, TopicMatch};
 use crate::config::{LargeFramesConfig, MqttConfig};
 use crate::job::{Ack, Cameras, Done, Job, JobMeta, UNKNOWN_CAMERA, Verdict};
@@ -27,6 +28,8 @@ use tokio::sync::{Semaphore, watch};
 pub struct Delivery {
     pub publish: Publish,
     pub ack: Ack,
+    /// The payload, when it waits on disk ([`super::spill`]) instead of in `publish`.
+    pub spilled: Option<Spilled>,
 }
 
 /// QoS 0 deliveries queued between the connection and the dispatcher; the connection drops more
@@ -141,7 +144,27 @@ impl Dispatcher {
         log::info!("ingress: no longer taking frames; waiting for frames in flight");
     }
 
-    async fn accept(&mut self, Delivery { publish, ack }: Delivery) {
+    async fn accept(
+        &mut self,
+        Delivery {
+            mut publish,
+            ack,
+            spilled,
+        }: Delivery,
+    ) {
+        if let Some(spilled) = spilled {
+            match spilled.take() {
+                Ok(payload) => publish.payload = payload,
+                Err(e) => {
+                    // Dropped un-acked; the connection renews its session for it.
+                    log::error!(
+                        "ingress: a spilled payload of {} is lost: {e}",
+                        publish.topic
+                    );
+                    return;
+                }
+            }
+        }
         let best_effort = publish.qos == QoS::AtMostOnce;
         if best_effort {
             self.best_effort.queued.fetch_sub(1, Ordering::Relaxed);

@@ -9,6 +9,8 @@
 //! - `backoff`: exponential reconnect delays with jitter.
 //! - `chunked`: reassembly of frames uploaded in `FrameChunk` pieces; `chunk_store`: the chunks
 //!   on disk, so that each is acked once stored.
+//! - `spill`: payloads of deliveries beyond the memory budget, waiting in files for the
+//!   dispatcher (mosquitto 2.0.11 sends past its window).
 
 pub mod backoff;
 pub mod chunk_store;
@@ -16,4 +18,5 @@ pub mod chunked;
 pub mod dispatch;
 pub mod mqtt;
 pub mod payload;
+pub mod spill;
 pub mod topic;

@@ -1,20 +1,23 @@
 //! The MQTT connection. QoS 1, `clean_session = false` and manual acks: the broker keeps a frame
 //! (and redelivers it after a reconnect or a restart of fovea) until we PUBACK it, and we PUBACK
 //! only once the frame's records are durable (a chunk: once it is stored). The broker's in-flight
-//! window for our client (mosquitto's `max_inflight_messages`, 20 by default) bounds how many
-//! deliveries fovea holds at once: that is the back-pressure to the cameras when inference or
+//! window for our client (mosquitto's `max_inflight_messages`, 20 by default) is meant to bound
+//! how many deliveries fovea holds at once: the back-pressure to the cameras when inference or
 //! Kafka fall behind.
 //!
 //! This task does nothing but poll the connection and hand deliveries to the dispatcher
 //! ([`super::dispatch`]), so that pings and acks go out however long the dispatcher waits: a busy
-//! node keeps its session. The broker's window is not a hard bound: mosquitto 2.0.11 sends past
-//! it once acks come back out of order (a subscriber that acks every other delivery ends up
-//! holding 31 with a window of 20; fovea, whose acks follow durability, held over 1000). So
-//! fovea bounds what it holds itself, `mqtt.max_in_flight`, by shedding (see [`Ingress::hand_on`])
-//! rather than by not reading, which would stop the keep-alive.
+//! node keeps its session. The broker's window is no bound: mosquitto 2.0.11 sends up to a
+//! window more on every PUBACK while others are outstanding (paho, acking 5 of 20 in order: 100
+//! new deliveries), so a node whose acks follow durability is sent its whole queue. fovea bounds
+//! what it keeps in memory itself (`mqtt.max_in_flight`, `max_in_flight_bytes`): beyond that,
+//! payloads wait on disk ([`super::spill`]), and beyond the spill's bound deliveries are shed and
+//! fetched again on a renewed session (see [`Ingress::hand_on`]); reading never stops, which
+//! would stop the keep-alive.
 
 use super::backoff::Backoff;
 use super::dispatch::{BestEffort, Delivery};
+use super::spill::{Spill, Spilled};
 use crate::config::MqttConfig;
 use crate::job::{Ack, HeldAcks};
 use crate::stats::Stats;
@@ -38,12 +41,18 @@ pub struct Ingress {
     held: Arc<HeldAcks>,
     best_effort: Arc<BestEffort>,
     stats: Arc<Stats>,
-    /// Deliveries shed since fovea held `mqtt.max_in_flight`; None when not shedding.
+    /// Where payloads beyond the memory budget wait (None if its folder could not be made).
+    spill: Option<Arc<Spill>>,
+    /// Deliveries shed since fovea held more than it can keep; None when not shedding.
     shed: Option<u64>,
     /// A disconnect asked for to renew the session after shedding: the error it causes is not a
     /// failure.
     resuming: bool,
 }
+
+/// Deliveries held at most, spilled ones included: MQTT packet ids are 16 bits, and each held
+/// ack costs memory (topic and packet id) even when its payload is on disk.
+const MAX_HELD: u64 = 50_000;
 
 impl Ingress {
     pub fn new(
@@ -51,6 +60,7 @@ impl Ingress {
         client_id: &str,
         deliveries: UnboundedSender<Delivery>,
         best_effort: Arc<BestEffort>,
+        spill: Option<Arc<Spill>>,
         stats: Arc<Stats>,
     ) -> Self {
         let mut opts = MqttOptions::new(client_id, cfg.host.clone(), cfg.port);
@@ -71,6 +81,7 @@ impl Ingress {
             deliveries: Some(deliveries),
             held: stats.mqtt_held.clone(),
             best_effort,
+            spill,
             stats,
             shed: None,
             resuming: false,
@@ -89,14 +100,13 @@ impl Ingress {
             Duration::from_millis(self.cfg.reconnect_min_ms),
             Duration::from_millis(self.cfg.reconnect_max_ms),
         );
-        let mut check = tokio::time::interval(Duration::from_millis(50));
         loop {
+            // After every event (each PUBACK fovea sends is one): no timer in the select below,
+            // since a branch that fires cancels `poll`, and a cancelled poll can be a connection
+            // attempt cut short.
+            self.resume_after_shedding();
             let event = tokio::select! {
                 ev = self.events.poll() => ev,
-                _ = check.tick(), if self.shed.is_some() => {
-                    self.resume_after_shedding();
-                    continue;
-                }
                 _ = shutdown.changed(), if self.deliveries.is_some() => {
                     self.deliveries = None;
                     continue;
@@ -170,7 +180,17 @@ impl Ingress {
 
     /// Once every held delivery has been acked after shedding, reconnects: the broker then
     /// sends again what was shed (it still counts those as in flight to fovea).
+    /// Spilled payloads that could not be read back count as shed.
     fn resume_after_shedding(&mut self) {
+        if let Some(spill) = &self.spill {
+            self.stats
+                .mqtt_spill_bytes
+                .store(spill.bytes(), Ordering::Relaxed);
+            let lost = spill.take_lost();
+            if lost > 0 {
+                *self.shed.get_or_insert(0) += lost;
+            }
+        }
         if self.held.count() > 0 {
             return;
         }
@@ -183,27 +203,40 @@ impl Ingress {
         }
     }
 
+    /// Whether holding `publish` too would pass `mqtt.max_in_flight` or `max_in_flight_bytes`
+    /// (a delivery alone is always taken, however large: it could never fit otherwise).
+    fn over_budget(&self, publish: &rumqttc::Publish) -> bool {
+        let (count, bytes) = (self.held.count(), self.held.bytes());
+        count >= self.cfg.max_in_flight as u64
+            || (count > 0 && bytes + publish.payload.len() as u64 > self.cfg.max_in_flight_bytes)
+    }
+
     /// Hands a delivery to the dispatcher, its ack counted as held from now. A QoS 0 delivery
     /// beyond what the inference queue could take is dropped here (at most once). A QoS 1
-    /// delivery beyond `mqtt.max_in_flight` held ones is shed: dropped un-acked, which the broker
-    /// redelivers on the next session; from then on every delivery is shed until all held ones
-    /// are acked, and then the session is renewed ([`Self::resume_after_shedding`]).
-    fn hand_on(&mut self, publish: rumqttc::Publish) {
-        let Some(deliveries) = &self.deliveries else {
+    /// delivery beyond the memory budget (`mqtt.max_in_flight` held ones, or
+    /// `max_in_flight_bytes` of payload unless none is held) has its payload spilled to disk
+    /// ([`super::spill`]) and is handed on all the same, in order. One that does not fit there
+    /// either (`mqtt.spill_max_bytes`, [`MAX_HELD`] deliveries, a write error) is shed: dropped
+    /// un-acked; from then on every delivery is shed until all held ones are acked, and then the
+    /// session is renewed ([`Self::resume_after_shedding`]) so that the broker sends them again.
+    fn hand_on(&mut self, mut publish: rumqttc::Publish) {
+        if self.deliveries.is_none() {
             return; // shutting down: the broker redelivers it next session
-        };
-        if publish.qos != QoS::AtMostOnce
-            && (self.shed.is_some() || self.held.count() >= self.cfg.max_in_flight as u64)
-        {
-            if self.shed.is_none() {
-                log::warn!(
-                    "mqtt: {} deliveries held un-acked (mqtt.max_in_flight), more than the broker's window should allow: shedding new deliveries until those are acked, then renewing the session to get them again",
-                    self.held.count()
-                );
+        }
+        let mut spilled = None;
+        if publish.qos != QoS::AtMostOnce && (self.shed.is_some() || self.over_budget(&publish)) {
+            match self.spill_payload(&publish) {
+                Some(s) => {
+                    publish.payload = bytes::Bytes::new();
+                    spilled = Some(s);
+                    Stats::incr(&self.stats.mqtt_spilled);
+                }
+                None => {
+                    *self.shed.get_or_insert(0) += 1;
+                    Stats::incr(&self.stats.mqtt_shed);
+                    return;
+                }
             }
-            *self.shed.get_or_insert(0) += 1;
-            Stats::incr(&self.stats.mqtt_shed);
-            return;
         }
         if publish.qos == QoS::AtMostOnce {
             let queued = self.best_effort.queued.fetch_add(1, Ordering::Relaxed);
@@ -214,7 +247,39 @@ impl Ingress {
             }
         }
         let ack = Ack::new(self.client.clone(), &publish, &self.held);
-        let _ = deliveries.send(Delivery { publish, ack });
+        if let Some(deliveries) = &self.deliveries {
+            let _ = deliveries.send(Delivery {
+                publish,
+                ack,
+                spilled,
+            });
+        }
+    }
+
+    /// Spills the payload of a delivery over the memory budget, or says why not (logged when
+    /// shedding starts). Never while shedding: order would break.
+    fn spill_payload(&self, publish: &rumqttc::Publish) -> Option<Spilled> {
+        let why = match &self.spill {
+            _ if self.shed.is_some() => return None,
+            None => "no spill folder".to_string(),
+            Some(_) if self.held.count() >= MAX_HELD => {
+                format!("{MAX_HELD} deliveries held")
+            }
+            Some(spill) if !spill.has_room(publish.payload.len()) => format!(
+                "the spill folder holds {} bytes (mqtt.spill_max_bytes)",
+                spill.bytes()
+            ),
+            Some(spill) => match spill.put(&publish.payload) {
+                Ok(spilled) => return Some(spilled),
+                Err(e) => format!("spilling failed: {e}"),
+            },
+        };
+        log::warn!(
+            "mqtt: {} deliveries ({} bytes in memory) held un-acked, more than the broker's window should allow, and {why}: shedding new deliveries until those are acked, then renewing the session to get them again",
+            self.held.count(),
+            self.held.bytes()
+        );
+        None
     }
 
     async fn disconnect(mut self) {

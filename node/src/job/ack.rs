@@ -22,7 +22,9 @@ pub type Release = Box<dyn FnOnce() + Send + Sync>;
 
 #[derive(Default)]
 pub struct Ack {
-    publishes: Vec<(AsyncClient, Publish)>,
+    /// The PUBACKs to send, each with the size of the payload it stands for (counted in
+    /// [`HeldAcks::bytes`] while held).
+    publishes: Vec<(AsyncClient, Publish, u64)>,
     releases: Vec<Release>,
     held: Option<Arc<HeldAcks>>,
 }
@@ -45,9 +47,10 @@ impl Ack {
         }
         let mut header = Publish::new(publish.topic.clone(), publish.qos, Vec::new());
         header.pkid = publish.pkid;
-        held.hold(1);
+        let bytes = publish.payload.len() as u64;
+        held.hold(bytes);
         Ack {
-            publishes: vec![(client, header)],
+            publishes: vec![(client, header, bytes)],
             releases: Vec::new(),
             held: Some(held.clone()),
         }
@@ -87,9 +90,9 @@ impl Ack {
     /// Sends the PUBACK(s), then runs the releases. A send error means the client is shutting
     /// down; the broker will redeliver.
     pub async fn send(mut self) {
-        for (client, publish) in std::mem::take(&mut self.publishes) {
+        for (client, publish, bytes) in std::mem::take(&mut self.publishes) {
             if let Some(held) = &self.held {
-                held.sent(1);
+                held.sent(bytes);
             }
             if let Err(e) = client.ack(&publish).await {
                 log::warn!(
@@ -110,7 +113,9 @@ impl Drop for Ack {
     /// session. Its releases do not run (the stored chunks stay for the next start).
     fn drop(&mut self) {
         if let Some(held) = &self.held {
-            held.dropped(self.publishes.len() as u64);
+            for (_, _, bytes) in &self.publishes {
+                held.dropped(*bytes);
+            }
         }
     }
 }
@@ -121,6 +126,8 @@ impl Drop for Ack {
 pub struct HeldAcks {
     epoch: Instant,
     count: AtomicU64,
+    /// Payload bytes of the deliveries held (what holding them costs in memory, at most).
+    bytes: AtomicU64,
     /// 1 + milliseconds since `epoch` of the last PUBACK sent, or of the moment the count last
     /// rose from zero, whichever is later; 0 before anything was held.
     progress: AtomicU64,
@@ -131,6 +138,7 @@ impl Default for HeldAcks {
         HeldAcks {
             epoch: Instant::now(),
             count: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
             progress: AtomicU64::new(0),
         }
     }
@@ -144,26 +152,34 @@ impl HeldAcks {
         self.progress.fetch_max(ms, Ordering::Relaxed);
     }
 
-    fn hold(&self, n: u64) {
-        if self.count.fetch_add(n, Ordering::Relaxed) == 0 {
+    /// One delivery of `bytes` held.
+    fn hold(&self, bytes: u64) {
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        if self.count.fetch_add(1, Ordering::Relaxed) == 0 {
             self.stamp();
         }
     }
 
-    fn sent(&self, n: u64) {
-        self.count.fetch_sub(n, Ordering::Relaxed);
+    /// One delivery's PUBACK sent.
+    fn sent(&self, bytes: u64) {
+        self.dropped(bytes);
         self.stamp();
     }
 
-    fn dropped(&self, n: u64) {
-        if n > 0 {
-            self.count.fetch_sub(n, Ordering::Relaxed);
-        }
+    /// One delivery no longer held, its PUBACK not sent.
+    fn dropped(&self, bytes: u64) {
+        self.bytes.fetch_sub(bytes, Ordering::Relaxed);
+        self.count.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// PUBACKs held now.
     pub fn count(&self) -> u64 {
         self.count.load(Ordering::Relaxed)
+    }
+
+    /// Payload bytes of the deliveries held now.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
     }
 
     /// How long PUBACKs have been held with none sent, at `now`; None when none are held.
@@ -198,12 +214,12 @@ mod tests {
         let a = Ack::new(c.clone(), &publish(QoS::AtLeastOnce, 1), &held);
         let b = Ack::new(c.clone(), &publish(QoS::AtLeastOnce, 2), &held);
         let zero = Ack::new(c, &publish(QoS::AtMostOnce, 0), &held);
-        assert_eq!(held.count(), 2);
+        assert_eq!((held.count(), held.bytes()), (2, 6));
         assert_eq!(zero.publishes(), 0);
         let merged = Ack::merge([a, b, zero]);
         assert_eq!((held.count(), merged.publishes()), (2, 2));
         drop(merged);
-        assert_eq!(held.count(), 0);
+        assert_eq!((held.count(), held.bytes()), (0, 0));
         assert_eq!(held.stuck_for(Instant::now()), None);
     }
 
@@ -222,7 +238,7 @@ mod tests {
         let later = Instant::now() + Duration::from_secs(30);
         assert!(held.stuck_for(later).unwrap() >= Duration::from_secs(29));
         ack.send().await;
-        assert_eq!(held.count(), 0);
+        assert_eq!((held.count(), held.bytes()), (0, 0));
         assert_eq!(ran.load(Ordering::Relaxed), 1);
     }
 

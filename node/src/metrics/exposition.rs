@@ -502,6 +502,12 @@ fn mqtt(out: &mut Out, s: &Stats) {
     );
     out.line("fovea_mqtt_inflight", &[], s.mqtt_held.count() as f64);
     out.help(
+        "fovea_mqtt_inflight_bytes",
+        "gauge",
+        "Payload bytes of the MQTT deliveries held un-acknowledged (mqtt.max_in_flight_bytes).",
+    );
+    out.line("fovea_mqtt_inflight_bytes", &[], s.mqtt_held.bytes() as f64);
+    out.help(
         "fovea_mqtt_ack_wait_seconds",
         "gauge",
         "How long deliveries have been held with none acknowledged; 0 when none are held.",
@@ -530,6 +536,18 @@ fn mqtt(out: &mut Out, s: &Stats) {
         "QoS 1 deliveries left un-acked beyond mqtt.max_in_flight held ones; the broker sends them again on a renewed session.",
     );
     out.line("fovea_mqtt_shed_total", &[], g(&s.mqtt_shed));
+    out.help(
+        "fovea_mqtt_spilled_total",
+        "counter",
+        "QoS 1 deliveries over the memory budget whose payload waited in state_dir/ingress-spill.",
+    );
+    out.line("fovea_mqtt_spilled_total", &[], g(&s.mqtt_spilled));
+    out.help(
+        "fovea_mqtt_spill_bytes",
+        "gauge",
+        "Payload bytes waiting in state_dir/ingress-spill (mqtt.spill_max_bytes).",
+    );
+    out.line("fovea_mqtt_spill_bytes", &[], g(&s.mqtt_spill_bytes));
     out.help(
         "fovea_cameras",
         "gauge",

@@ -20,6 +20,7 @@ use crate::inference;
 use crate::ingress::chunk_store::ChunkStore;
 use crate::ingress::dispatch::{BestEffort, Dispatcher, DispatcherParts, LargeFrameLimits};
 use crate::ingress::mqtt::Ingress;
+use crate::ingress::spill::Spill;
 use crate::job::Cameras;
 use crate::outbox::plan::RecordPlanner;
 use crate::outbox::{Outbox, producer};
@@ -154,6 +155,17 @@ pub async fn run(
             None
         }
     };
+    let spill_dir = cfg.node.state_dir.join("ingress-spill");
+    let spill = match Spill::open(&spill_dir, cfg.mqtt.spill_max_bytes) {
+        Ok(spill) => Some(spill),
+        Err(e) => {
+            log::error!(
+                "ingress spill folder {}: {e}; deliveries over the memory budget are shed",
+                spill_dir.display()
+            );
+            None
+        }
+    };
     let best_effort = Arc::new(BestEffort {
         limit: cfg.inference.queue_capacity,
         ..BestEffort::default()
@@ -175,6 +187,7 @@ pub async fn run(
         &cfg.mqtt_client_id(),
         deliveries_tx,
         best_effort,
+        spill,
         stats.clone(),
     );
     stats.liveness.set_started();
