@@ -42,11 +42,11 @@ status=0
 # --no-fail-fast: one failing test binary must not hide the results of the others.
 cargo test --workspace --no-fail-fast 2>&1 | tee "$log" || status=$?
 
-# The fuzz targets (fuzz/, README "Fuzzing"), 30 s each on their seed corpora, one line each;
+# The fuzz targets (fuzz/, README "Fuzzing"), 20 s each on their seed corpora, one line each;
 # a crash fails the run. Skip with FOVEA_SKIP_FUZZ=1 while iterating locally; CI never sets it.
 if [[ "${FOVEA_SKIP_FUZZ:-0}" != 1 ]]; then
   step "scripts/fuzz.sh"
-  bash scripts/fuzz.sh 2>&1 | tee -a "$log" || status=$?
+  bash scripts/fuzz.sh 20 2>&1 | tee -a "$log" || status=$?
 fi
 
 # A clone of HEAD in an empty folder runs the demo on its own (scripts/check-standalone.sh says

@@ -13,7 +13,7 @@
 
 mod harness;
 
-use fovea_proto::v1::{DeadLetter, Frame, InferenceResult, inference_result::Status};
+use fovea_proto::v1::{DeadLetter, InferenceResult, inference_result::Status};
 use harness::*;
 use prost::Message as _;
 use rdkafka::message::{Message as _, OwnedMessage};
@@ -32,15 +32,6 @@ fn four_mb_upload(camera: &str, frame_id: &str, seed: u32) -> Vec<(String, Vec<u
     let upload = chunked_upload(camera, frame_id, &noise_png(1155, seed), CHUNK);
     assert_eq!(upload.len(), 31, "chunks of a 4 MB frame");
     upload
-}
-
-fn envelope(sequence: u64, image: Vec<u8>) -> Vec<u8> {
-    Frame {
-        sequence,
-        data: image.into(),
-        ..Frame::default()
-    }
-    .encode_to_vec()
 }
 
 fn id(camera: &str, seq: u64) -> String {
@@ -96,7 +87,10 @@ fn arrived(
 /// and the node holds no delivery un-acked (`fovea_mqtt_inflight` 0).
 fn nothing_unacked(node: &Node, mqtt: &Mosquitto, sent: usize) {
     let s = mqtt.wait_all_acked(CLIENT, sent, Duration::from_secs(20));
-    assert_eq!(s.delivered, sent, "deliveries to fovea: {s:?}");
+    // At least: around a SIGKILL mosquitto can log a message as a first delivery (d0) twice, once
+    // to the dead connection and once to the next (seen: 94 first deliveries of 93 messages, and
+    // 13 redeliveries); what counts is that each was acked and none is waiting.
+    assert!(s.delivered >= sent, "deliveries to fovea: {s:?}");
     assert!(
         s.unacked.is_empty(),
         "mosquitto still waits for acks: {s:?}"
@@ -124,7 +118,7 @@ fn three_31_chunk_uploads_then_a_frame_from_another_camera_all_arrive() {
     let jpeg = small_jpegs().remove(0);
     publish(
         mqtt.port,
-        &[("cameras/other-cam/frames".into(), envelope(1, jpeg))],
+        &[("cameras/other-cam/frames".into(), envelope(1, &jpeg, &[]))],
     );
     sent += 1;
     want.push(id("other-cam", 1));

@@ -38,6 +38,29 @@ fn classifier_only(config: String) -> String {
     config
 }
 
+/// A node with the classifier alone and `extra` config, its mosquitto and its broker (bind the
+/// fields as `_dir, mqtt, kafka, node`, so that the node drops first and the folder last).
+struct Rig {
+    node: Node,
+    kafka: Kafka,
+    mqtt: Mosquitto,
+    _dir: tempfile::TempDir,
+}
+
+fn rig(extra: &str) -> Rig {
+    let dir = temp_dir();
+    let mqtt = Mosquitto::start(dir.path());
+    let kafka = Kafka::start(dir.path(), "edge");
+    let config = classifier_only(node_config(&mqtt, &kafka, extra));
+    let node = Node::start(dir.path(), &config);
+    Rig {
+        node,
+        kafka,
+        mqtt,
+        _dir: dir,
+    }
+}
+
 fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !done() {
@@ -140,13 +163,15 @@ fn record_id_of(r: &rdkafka::message::OwnedMessage) -> Option<String> {
 
 #[test]
 fn thousands_of_camera_ids_are_bounded_by_max_cameras_and_memory_stays_bounded() {
-    let dir = temp_dir();
-    let mqtt = Mosquitto::start(dir.path());
-    let kafka = Kafka::start(dir.path(), "edge");
     // The packaged mqtt.max_cameras (1000) and camera_idle_secs (600): nothing is evicted
     // during the test, so exactly the first 1000 cameras are admitted.
-    let config = classifier_only(node_config(&mqtt, &kafka, ""));
-    let node = Node::start(dir.path(), &config);
+    // Bound in this order so that they drop in reverse: the node first, the folder last.
+    let Rig {
+        _dir,
+        mqtt,
+        kafka,
+        node,
+    } = rig("");
     let tiny = {
         let img = image::RgbImage::from_pixel(64, 48, image::Rgb([90, 120, 200]));
         let mut out = Vec::new();
@@ -211,17 +236,15 @@ fn thousands_of_camera_ids_are_bounded_by_max_cameras_and_memory_stays_bounded()
 
 #[test]
 fn an_idle_camera_makes_room_for_a_new_one() {
-    let dir = temp_dir();
-    let mqtt = Mosquitto::start(dir.path());
-    let kafka = Kafka::start(dir.path(), "edge");
     // Three cameras and 8 s of idleness, so that a test can wait for it (and the first three
     // frames are surely inferred before d comes).
-    let config = classifier_only(node_config(
-        &mqtt,
-        &kafka,
-        "mqtt.max_cameras = 3\nmqtt.camera_idle_secs = 8",
-    ));
-    let node = Node::start(dir.path(), &config);
+    // Bound in this order so that they drop in reverse: the node first, the folder last.
+    let Rig {
+        _dir,
+        mqtt,
+        kafka,
+        node,
+    } = rig("mqtt.max_cameras = 3\nmqtt.camera_idle_secs = 8");
     let jpeg = small_jpegs().remove(1);
     let frame = |camera: &str| (format!("cameras/{camera}/frames"), jpeg.clone());
     publish(mqtt.port, &[frame("a"), frame("b"), frame("c")]);
@@ -247,11 +270,13 @@ fn an_idle_camera_makes_room_for_a_new_one() {
 
 #[test]
 fn qos0_frames_are_each_a_result_or_counted_as_dropped() {
-    let dir = temp_dir();
-    let mqtt = Mosquitto::start(dir.path());
-    let kafka = Kafka::start(dir.path(), "edge");
-    let config = classifier_only(node_config(&mqtt, &kafka, ""));
-    let node = Node::start(dir.path(), &config);
+    // Bound in this order so that they drop in reverse: the node first, the folder last.
+    let Rig {
+        _dir,
+        mqtt,
+        kafka,
+        node,
+    } = rig("");
     let jpegs = small_jpegs();
     let sent = 300;
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -320,15 +345,13 @@ fn qos0_frames_are_each_a_result_or_counted_as_dropped() {
 /// the end. (The packaged settings spill instead: tests/backlog.rs.)
 #[test]
 fn deliveries_shed_over_the_budget_come_back_on_a_renewed_session() {
-    let dir = temp_dir();
-    let mqtt = Mosquitto::start(dir.path());
-    let kafka = Kafka::start(dir.path(), "edge");
-    let config = classifier_only(node_config(
-        &mqtt,
-        &kafka,
-        "mqtt.max_in_flight = 20\nmqtt.spill_max_bytes = 0",
-    ));
-    let node = Node::start(dir.path(), &config);
+    // Bound in this order so that they drop in reverse: the node first, the folder last.
+    let Rig {
+        _dir,
+        mqtt,
+        kafka,
+        node,
+    } = rig("mqtt.max_in_flight = 20\nmqtt.spill_max_bytes = 0");
     let jpegs = small_jpegs();
     let sent = 300;
     let messages: Vec<(String, Vec<u8>)> = (0..sent)
@@ -344,12 +367,7 @@ fn deliveries_shed_over_the_budget_come_back_on_a_renewed_session() {
     let ids: HashSet<String> = results.iter().filter_map(record_id_of).collect();
     let metrics = node.http_get("/metrics").1;
     let shed = metric(&metrics, "fovea_mqtt_shed_total").unwrap_or(0.0);
-    let renewals = node
-        .proc
-        .log_text()
-        .lines()
-        .filter(|l| l.contains("reconnecting for the deliveries shed"))
-        .count();
+    let renewals = session_renewals(&node);
     println!(
         "sent {sent}: {} results ({} distinct), {shed} deliveries shed, {renewals} session renewals",
         results.len(),

@@ -237,9 +237,9 @@ fn validate_warns_when_the_budget_exceeds_a_small_filesystem() {
         return;
     };
     let mqtt_port = free_port();
-    let config = |spool: &str| {
+    let config = |spool: &str, mqtt: &str| {
         format!(
-            "[node]\nid = \"t\"\nstate_dir = \"small/state\"\n[mqtt]\nport = {mqtt_port}\n\
+            "[node]\nid = \"t\"\nstate_dir = \"small/state\"\n[mqtt]\nport = {mqtt_port}\n{mqtt}\n\
              [kafka]\ndata_dir = \"\"\n[inference]\nonnxruntime_library = \"{ort}\"\n\
              [spool]\n{spool}\n[[models]]\npath = \"{models}/efficientnet-lite0\"\n\
              [[routes]]\ncameras = \"*\"\nmodels = [\"efficientnet-lite0\"]\n",
@@ -248,7 +248,7 @@ fn validate_warns_when_the_budget_exceeds_a_small_filesystem() {
         )
     };
     let path = dir.path().join("fovea.toml");
-    std::fs::write(&path, config("")).unwrap();
+    std::fs::write(&path, config("", "")).unwrap();
     let (code, out, err) = fovea(&["validate", path.to_str().unwrap()]);
     assert_eq!(
         code,
@@ -258,11 +258,20 @@ fn validate_warns_when_the_budget_exceeds_a_small_filesystem() {
     assert!(out.contains("spool            1.0 GiB"), "{out}");
     assert!(
         err.contains(
-            "warning: disk budget: spool (1.0 GiB) may grow to 1.0 GiB on the filesystem of"
+            "warning: disk budget: spool (1.0 GiB) + chunk_uploads (128.0 MiB) + ingress_spill \
+             (1.0 GiB) may grow to 2.1 GiB on the filesystem of"
         ) && err.contains("but only 16.0 MiB is free"),
         "{err}"
     );
-    std::fs::write(&path, config("max_bytes = 4194304")).unwrap();
+    // 4 MiB of spool, 2 MiB of chunked uploads (2 x max_frame_bytes), 4 MiB of spill: 10 MiB.
+    std::fs::write(
+        &path,
+        config(
+            "max_bytes = 4194304",
+            "max_frame_bytes = 1048576\nspill_max_bytes = 4194304",
+        ),
+    )
+    .unwrap();
     let (code, out, err) = fovea(&["validate", path.to_str().unwrap()]);
     assert_eq!(code, Some(0));
     assert!(!err.contains("warning: disk budget"), "{out}{err}");

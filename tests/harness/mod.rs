@@ -1004,6 +1004,15 @@ pub fn run_export(kafka: &Kafka, out: &Path, extra: &[&str]) -> (Option<i32>, St
 #[allow(unused_imports)] // not every test binary makes large frames
 pub use fovea::tools::bench::noise_png;
 
+/// How often the node renewed its MQTT session to get back deliveries it shed (its log).
+pub fn session_renewals(node: &Node) -> usize {
+    node.proc
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("reconnecting for the deliveries shed"))
+        .count()
+}
+
 /// Peak resident memory of a process (VmHWM), in bytes.
 pub fn peak_rss(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
