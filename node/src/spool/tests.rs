@@ -49,6 +49,25 @@ fn all(s: &mut SledSpool) -> Vec<(u64, SpoolRecord)> {
     s.oldest(None, usize::MAX).expect("oldest")
 }
 
+/// The spool's sled database opened directly, to damage it as a crash would. sled's background
+/// flusher can hold the folder's lock for a moment after the spool was dropped (seen under qemu
+/// on CI's aarch64 run), so a lock error is retried for a while.
+fn raw_db(dir: &Path) -> sled::Db {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match sled::open(dir) {
+            Ok(db) => return db,
+            Err(e)
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(e) => panic!("sled: {e}"),
+        }
+    }
+}
+
 fn tmp() -> tempfile::TempDir {
     tempfile::tempdir().expect("temp dir")
 }
@@ -557,7 +576,7 @@ fn index_is_repaired_after_a_crash_between_tree_writes() {
     {
         // As if the process died after writing `records` but before `index` and `frames`, and
         // as if a removal reached `index` but not `records`.
-        let db = sled::open(&o.dir).expect("sled");
+        let db = raw_db(&o.dir);
         let index = db.open_tree("index").expect("tree");
         let frames = db.open_tree("frames").expect("tree");
         index.remove(f.to_be_bytes()).expect("remove");
@@ -840,7 +859,7 @@ fn an_append_or_a_drop_cut_short_by_a_crash_is_undone_or_finished_on_open() {
         // As if the process died half-way through appending unit 3 (its marker still set, its
         // result never written) and half-way through dropping frame 2 (counter stored, marker
         // set, its `frames` entry and first chunk gone).
-        let db = sled::open(&o.dir).expect("sled");
+        let db = raw_db(&o.dir);
         let meta = db.open_tree("meta").expect("tree");
         let records = db.open_tree("records").expect("tree");
         let index = db.open_tree("index").expect("tree");
@@ -916,7 +935,7 @@ fn frames_index_is_rebuilt_for_whole_frames_after_a_crash_between_trees() {
     drop(s);
     {
         // `frames` lost frame 1's entry and holds a wrong one for frame 2.
-        let db = sled::open(&o.dir).expect("sled");
+        let db = raw_db(&o.dir);
         let frames = db.open_tree("frames").expect("tree");
         frames.remove(a.to_be_bytes()).expect("remove");
         frames
@@ -949,7 +968,7 @@ fn a_spool_written_before_frames_were_units_opens_unchanged() {
     let old = unit(1, 3, 1500, true, false);
     {
         std::fs::create_dir_all(&o.dir).expect("mkdir");
-        let db = sled::open(&o.dir).expect("sled");
+        let db = raw_db(&o.dir);
         let tree = |name: &str| db.open_tree(name).expect("tree");
         let (records, index, frames, meta) =
             (tree("records"), tree("index"), tree("frames"), tree("meta"));
