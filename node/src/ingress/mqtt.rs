@@ -71,8 +71,9 @@ impl Ingress {
         if let (Some(user), Some(pass)) = (&cfg.username, &cfg.password) {
             opts.set_credentials(user.clone(), pass.clone());
         }
-        // Room in the request channel for an ack of every delivery fovea may hold: sending an ack
-        // then never waits for the event loop, even while it is not reading (over the window).
+        // Room in the request channel for the acks of every delivery fovea holds in memory at
+        // once; more (spilled ones acked in a burst) wait for the event loop, which is polled
+        // without pause.
         let (client, events) = AsyncClient::new(opts, cfg.max_in_flight + 64);
         Ingress {
             cfg: cfg.clone(),
